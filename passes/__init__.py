@@ -1,0 +1,42 @@
+"""The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
+
+    capture -> annotate -> propagate -> insert_collectives -> localize -> check_local_shapes
+
+``run_pipeline`` lints the graph after every pass and names the pass that failed.
+``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sp_compiler.errors import SeqparError
+
+from .annotate import annotate
+from .capture import capture
+from .insert import insert_collectives
+from .localize import localize
+from .lower import check_local_shapes, lower
+from .propagate import propagate
+
+__all__ = ["PIPELINE", "run_pipeline", "lower"]
+
+log = logging.getLogger("seqpar")
+
+PIPELINE = [capture, annotate, propagate, insert_collectives, localize, check_local_shapes]
+
+
+def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -> torch.fx.GraphModule:
+    for p in passes:
+        try:
+            gm = p(gm, ctx)
+            gm.graph.lint()
+        except SeqparError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug in a pass: say which one
+            raise SeqparError(f"seqpar pass '{p.__name__}' failed: {type(e).__name__}: {e}") from e
+        log.debug("after %s: %d nodes", p.__name__, len(gm.graph.nodes))
+        if on_pass is not None:
+            on_pass(p.__name__, gm)
+    return gm

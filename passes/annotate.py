@@ -1,0 +1,85 @@
+"""annotate: give graph inputs their placements.
+
+    user inputs (input_ids, position_ids, masks)     Replicate  (every rank gets the full prompt)
+    parameters and buffers                           Replicate, or, where the strategy runs a block
+                                                     tensor-parallel, the TP plan's slice:
+        colwise  Linear [out, in] -> S(0)   Conv1D [in, out] -> S(1)   bias -> S(0)
+        rowwise  Linear [out, in] -> S(1)   Conv1D [in, out] -> S(0)   bias -> R
+        fused [q | k | v] projections use S(d, sf=3): every block is split on its own
+
+Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and
+passed in place of the full ones on every call (``ctx.local_inputs``).
+"""
+from __future__ import annotations
+
+import torch
+
+from sp_compiler.context import PLACEMENT
+from sp_compiler.errors import SeqparError, ShapeConstraintError
+from sp_compiler.placements import Replicate, is_shard, make_shard, split_factor
+from sp_compiler.strategies import tp_role
+
+aten = torch.ops.aten
+
+__all__ = ["annotate", "shard_tensor"]
+
+
+def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
+        if is_shard(node.meta[PLACEMENT]):
+            ctx.local_inputs[i] = shard_tensor(ctx.example_inputs[i], node.meta[PLACEMENT], ctx.world, ctx.rank)
+    tokens = _token_input(gm)
+    if tokens is None:
+        raise SeqparError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
+                          "call the model with input_ids")
+    ctx.batch, ctx.seq_len = tokens.meta["val"].shape[:2]
+    return gm
+
+
+def _placement(node, fqn, ctx):
+    if fqn is None or not isinstance(node.meta.get("val"), torch.Tensor):
+        return Replicate()
+    module, _, kind = fqn.rpartition(".")
+    role = tp_role(module)
+    if role is None or ctx.strategy.weights(role.block) != "tp" or kind not in ("weight", "bias"):
+        return Replicate()
+    shape = tuple(node.meta["val"].shape)
+    linear = any(u.target == aten.t.default for u in node.users)      # nn.Linear stores [out, in]
+    if len(shape) == 1:
+        dim = 0 if role.style == "colwise" else None
+    elif role.style == "colwise":
+        dim = 0 if linear else 1
+    else:
+        dim = 1 if linear else 0
+    if dim is None:
+        return Replicate()
+    blocks = role.blocks if role.style == "colwise" else 1
+    if (shape[dim] // blocks) % ctx.world:
+        raise ShapeConstraintError(
+            f"{fqn}: {role.style} tensor parallelism splits dim {dim} of size {shape[dim] // blocks} "
+            f"(per block) over {ctx.world} ranks, which does not divide it. Fix: use a world size that divides "
+            f"the head and feature counts, or a sequence-parallel strategy ('ulysses')")
+    return make_shard(dim, blocks)
+
+
+def shard_tensor(t: torch.Tensor, p, world: int, rank: int) -> torch.Tensor:
+    """This rank's piece of a full tensor under S(d[, sf]), as a new contiguous tensor."""
+    d, sf = p.dim, split_factor(p)
+    shape = list(t.shape)
+    blocks = t.detach().reshape(shape[:d] + [sf, shape[d] // sf] + shape[d + 1:])
+    piece = blocks.chunk(world, dim=d + 1)[rank]
+    return piece.reshape(shape[:d] + [-1] + shape[d + 1:]).contiguous()
+
+
+def _token_input(gm):
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == aten.embedding.default:
+            idx = n.args[1]
+            while idx.op == "call_function" and idx.target in (aten.view.default, aten._unsafe_view.default,
+                                                                aten.reshape.default):
+                idx = idx.args[0]                                   # GPT-2: input_ids.view(-1, S)
+            if idx.op == "placeholder" and idx.meta["val"].dim() == 2:
+                return idx
+    return None

@@ -1,0 +1,96 @@
+"""insert: turn every pending want (``ctx.pending``) into a local slice or a functional collective.
+
+    before:  y = op(x)          x: S(2), op wants S(1)
+    after:   c = all_to_all_single(prep(x)) ... w = wait_tensor(c); y = op(post(w))
+
+Wants on the same tensor with the same target share one conversion. All-to-alls
+demanded by one attention node (its q, k and v) are packed into a single call.
+Every collective gets a row in ``ctx.collectives`` (layer, kind, dim, shape, bytes).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from sp_compiler.collectives import Builder, all_to_all, collective_kind, redistribute
+from sp_compiler.context import INSERTED, PLACEMENT, layer_of
+from sp_compiler.placements import fmt
+
+__all__ = ["insert_collectives"]
+
+
+def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    by_target = defaultdict(list)                                  # (src, want) -> [demands]
+    for d in ctx.pending.values():
+        by_target[(d.src, d.want)].append(d)
+
+    packs = defaultdict(list)                                      # attention node -> [(src, want)]
+    for (src, want), demands in by_target.items():
+        group = demands[0].group
+        if group is not None and ctx.world > 1 and collective_kind(src.meta[PLACEMENT], want) == "all_to_all":
+            packs[group].append((src, want))
+
+    packed = {key for keys in packs.values() for key in keys}
+    for group, keys in packs.items():
+        keys.sort(key=lambda k: order[k[0]])
+        after = keys[-1][0]
+        for k in keys:
+            for d in by_target[k]:
+                _sink_after(d.user, after, order)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        users = [d.user for k in keys for d in by_target[k]]
+        b = Builder(graph, after=after, before=min(users, key=order.get), ctx=ctx)
+        val = keys[0][0].meta["val"]
+        items = [(src, tuple(src.meta["val"].shape), src.meta[PLACEMENT], want) for src, want in keys]
+        what = ", ".join(f"{src.name} {fmt(src.meta[PLACEMENT])}->{fmt(want)}" for src, want in keys)
+        outs = all_to_all(b, items, val.dtype, what=what)
+        for (src, want), out in zip(keys, outs):
+            _rewire(by_target[(src, want)], src, out, want)
+        _report(ctx, b, users)
+
+    for (src, want), demands in by_target.items():
+        if (src, want) in packed:
+            continue
+        users = [d.user for d in demands]
+        b = Builder(graph, after=src, before=min(users, key=order.get), ctx=ctx)
+        val = src.meta["val"]
+        out = redistribute(b, src, tuple(val.shape), src.meta[PLACEMENT], want, val.dtype)
+        for row in b.rows:
+            row["what"] = f"{src.name} {fmt(src.meta[PLACEMENT])}->{fmt(want)}"
+        _rewire(demands, src, out, want)
+        _report(ctx, b, users)
+    ctx.pending.clear()
+    graph.lint()
+    return gm
+
+
+def _sink_after(user, after, order):
+    """Move ``user`` and the single-user chain below it past ``after``.
+
+    A packed all_to_all waits for its last input (q after RoPE); a want hoisted higher
+    up (v, straight after its projection) leaves a chain of views between there and
+    attention. Those views only feed attention, so they can run after the exchange.
+    """
+    chain, n = [], user
+    while order[n] <= order[after]:
+        chain.append(n)
+        (n,) = n.users
+    for c in chain:
+        n.prepend(c)
+
+
+def _rewire(demands, src, out, want):
+    if out is src:
+        return
+    out.meta[PLACEMENT] = want
+    for d in demands:
+        d.user.replace_input_with(src, out)
+
+
+def _report(ctx, b, users):
+    layer = layer_of(min(users, key=lambda u: 0 if u.op != "output" else 1))
+    for row in b.rows:
+        ctx.collectives.append({"layer": layer, **row})

@@ -1,0 +1,63 @@
+"""propagate: every node gets a placement from the rule table (``sp_compiler.rules``).
+
+Rules also say which inputs they want placed differently. Such a want is moved up
+through layout-only ops (views, transposes, expand, clone) while they have a single
+user, so the collective lands where the tensor is smallest and is shared by all users:
+
+    k: [B,Hkv,S/N,D] -> unsqueeze -> expand -> clone -> view [B,H,S/N,D] -> attention(wants S(1))
+    becomes all_to_all on k itself, on the model's Hkv heads (HuggingFace's repeat_kv runs after it).
+
+The wants left are recorded in ``ctx.pending`` for ``insert``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from sp_compiler.context import PLACEMENT, Demand
+from sp_compiler.placements import Replicate, is_partial
+from sp_compiler.rules import TRANSPARENT, map_through, rule_for, shape_of
+
+__all__ = ["propagate", "placement_of"]
+
+
+def placement_of(n):
+    return n.meta.get(PLACEMENT) if isinstance(n, Node) else None
+
+
+def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            node.meta[PLACEMENT] = Replicate()
+        elif node.op == "call_function":
+            val = node.meta.get("val")
+            if not isinstance(val, (torch.Tensor, tuple, list)):
+                node.meta[PLACEMENT] = None                       # sizes, scalars
+                continue
+            decision = rule_for(node)(node, ctx, placement_of)
+            node.meta[PLACEMENT] = decision.out
+            for src, want in decision.wants.items():
+                _want(ctx, node, src, want, decision.group)
+        elif node.op == "output":
+            for out in node.all_input_nodes:                         # every rank returns the full result
+                if shape_of(out) is not None:
+                    _want(ctx, node, out, Replicate(), None)
+    return gm
+
+
+def _want(ctx, user: Node, src: Node, want, group):
+    while placement_of(src) != want and _hoistable(src):
+        inner = map_through(src, want, forward=False, world=ctx.world)
+        if inner is None:
+            break
+        ctx.pending.pop((src, src.args[0]), None)                    # superseded
+        src.meta[PLACEMENT] = want
+        user, src, want = src, src.args[0], inner
+    ctx.pending.pop((user, src), None)
+    if placement_of(src) != want:
+        ctx.pending[(user, src)] = Demand(user, src, want, group)
+
+
+def _hoistable(n: Node) -> bool:
+    return (n.op == "call_function" and n.target in TRANSPARENT and len(n.users) == 1
+            and not is_partial(placement_of(n.args[0])))

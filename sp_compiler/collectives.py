@@ -1,0 +1,208 @@
+"""Graph builders for placement changes: ``redistribute(have -> want)`` as functional collectives.
+
+    have -> want           nodes built (x is one rank's local piece)
+    R    -> S(d)           slice(x, d, r*L, (r+1)*L)                     local, no communication
+    S(d) -> R              all_gather_into_tensor(x moved to dim 0) + wait_tensor
+    P    -> R              all_reduce(x, "sum") + wait_tensor
+    P    -> S(d)           reduce_scatter_tensor(x moved to dim 0) + wait_tensor
+    S(s) -> S(t)           all_to_all_single: split t into N pieces, send piece j to rank j,
+                           receive rank j's piece of s, concatenate along s
+    S(d, sf=k)             viewed as [.., k, L/k, ..] sharded on the inner factor, then as above
+
+Every collective is issued right after its input exists; its ``wait_tensor`` and whatever
+follows are placed right before the first use, so Inductor can overlap the transfer.
+``all_to_all`` takes several tensors and packs them into one call (q, k, v for Ulysses).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import List, Sequence
+
+import torch
+from torch.fx import Graph, Node
+
+from .context import INSERTED, PLACEMENT
+from .placements import fmt, is_partial, is_replicate, is_shard, local_shape, split_factor
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+__all__ = ["Builder", "redistribute", "all_to_all", "collective_kind"]
+
+
+class Builder:
+    """Appends nodes at two cursors: ``early`` (right after the source) and ``late`` (before first use)."""
+
+    def __init__(self, graph: Graph, after: Node, before: Node, ctx):
+        self.graph, self.ctx = graph, ctx
+        self._cursor = {"early": after, "late": before.prev}
+        self.phase = "early"
+        self.rows: List[dict] = []
+
+    def __call__(self, target, *args, **kwargs) -> Node:
+        with self.graph.inserting_after(self._cursor[self.phase]):
+            n = self.graph.call_function(target, args, kwargs)
+        n.meta[INSERTED] = True
+        if self._cursor["late"] is self._cursor[self.phase] or self.phase == "late":
+            self._cursor["late"] = n
+        self._cursor[self.phase] = n
+        return n
+
+    def late(self):
+        self.phase = "late"
+
+    def record(self, kind, dim, shape, dtype, what=""):
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.rows.append(dict(kind=kind, dim=dim, shape=tuple(shape), dtype=str(dtype).replace("torch.", ""),
+                              bytes=nbytes, what=what))
+
+
+def _perm_to_front(nd, d):
+    return [d] + [i for i in range(nd) if i != d]
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
+
+
+def _expand_strided(b: Builder, x, shape, p):
+    """S(d, sf=k) on local [.., L, ..] -> view [.., k, L/k, ..] sharded on d+1. Returns (x, shape, dim)."""
+    d, sf = p.dim, split_factor(p)
+    if sf == 1:
+        return x, list(shape), d
+    shape = list(shape[:d]) + [sf, shape[d] // sf] + list(shape[d + 1:])
+    return b(aten.reshape.default, x, shape), shape, d + 1
+
+
+def _merge_strided(b, x, shape, p):
+    d, sf = p.dim, split_factor(p)
+    if sf == 1:
+        return x
+    merged = list(shape[:d]) + [shape[d] * shape[d + 1]] + list(shape[d + 2:])
+    return b(aten.reshape.default, x, merged)
+
+
+def local_slice(b: Builder, x, gshape, want):
+    """R -> S(d[, sf]): keep this rank's chunk, no communication."""
+    N, r = b.ctx.world, b.ctx.rank
+    x, shape, d = _expand_strided(b, x, gshape, want)
+    L = shape[d] // N
+    y = b(aten.slice.Tensor, x, d, r * L, (r + 1) * L)
+    shape[d] = L
+    return _merge_strided(b, y, shape, want)
+
+
+def all_gather(b: Builder, x, gshape, have, dtype):
+    N, group = b.ctx.world, b.ctx.group_name
+    lshape = local_shape(gshape, have, N)
+    x, shape, d = _expand_strided(b, x, lshape, have)
+    perm = _perm_to_front(len(shape), d)
+    y = b(aten.clone.default, b(aten.permute.default, x, perm), memory_format=torch.contiguous_format)
+    g = b(c10d.all_gather_into_tensor.default, y, N, group)
+    b.record("all_gather", have.dim, gshape, dtype)
+    b.late()
+    out = b(aten.permute.default, b(c10d.wait_tensor.default, g), _inverse(perm))
+    shape[d] *= N
+    return _merge_strided(b, out, shape, have)
+
+
+def all_reduce(b: Builder, x, gshape, dtype):
+    ar = b(c10d.all_reduce.default, x, "sum", b.ctx.group_name)
+    b.record("all_reduce", None, gshape, dtype)
+    b.late()
+    return b(c10d.wait_tensor.default, ar)
+
+
+def reduce_scatter(b: Builder, x, gshape, want, dtype):
+    N = b.ctx.world
+    d = want.dim
+    perm = _perm_to_front(len(gshape), d)
+    y = b(aten.clone.default, b(aten.permute.default, x, perm), memory_format=torch.contiguous_format)
+    rs = b(c10d.reduce_scatter_tensor.default, y, "sum", N, b.ctx.group_name)
+    b.record("reduce_scatter", d, gshape, dtype)
+    b.late()
+    return b(aten.permute.default, b(c10d.wait_tensor.default, rs), _inverse(perm))
+
+
+def all_to_all(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]:
+    """Packed all_to_all. ``items`` = [(x, global shape, have S(s[,sf]), want S(t))].
+
+    Per tensor (local [.., L_s, .., T, ..]):  split t as [N, T/N], move N to the front,
+    flatten -> [N, F_i];  cat all -> [N, sum F_i];  all_to_all_single over dim 0;
+    split back, and per tensor move the received N (source rank) in front of s, merge.
+    """
+    N, group = b.ctx.world, b.ctx.group_name
+    flat, metas = [], []
+    for x, gshape, have, want in items:
+        x, shape, s = _expand_strided(b, x, local_shape(gshape, have, N), have)
+        t = want.dim + (1 if split_factor(have) > 1 and want.dim > have.dim else 0)
+        split = shape[:t] + [N, shape[t] // N] + shape[t + 1:]           # [.., N, T/N, ..]
+        y = b(aten.reshape.default, x, split)
+        y = b(aten.permute.default, y, _perm_to_front(len(split), t))
+        y = b(aten.clone.default, y, memory_format=torch.contiguous_format)
+        recv_shape = shape[:t] + [shape[t] // N] + shape[t + 1:]
+        flat.append(b(aten.view.default, y, [N, math.prod(recv_shape)]))
+        metas.append((recv_shape, s, have))
+    sizes = [math.prod(m[0]) for m in metas]
+    packed = flat[0] if len(flat) == 1 else b(aten.cat.default, flat, 1)
+    a2a = b(c10d.all_to_all_single.default, packed, [1] * N, [1] * N, group)
+    b.record("all_to_all", f"{items[0][2].dim}->{items[0][3].dim}", (N, sum(sizes)), dtype, what)
+    b.late()
+    recv = b(c10d.wait_tensor.default, a2a)
+    if len(flat) == 1:
+        parts = [recv]
+    else:
+        pieces = b(aten.split_with_sizes.default, recv, sizes, 1)
+        parts = [b(operator.getitem, pieces, i) for i in range(len(sizes))]
+    outs = []
+    for part, (rshape, s, have) in zip(parts, metas):
+        y = b(aten.view.default, part, [N] + rshape)                     # [src rank, ..local dims..]
+        nd = len(rshape)
+        order = [1 + i for i in range(s)] + [0] + [1 + i for i in range(s, nd)]
+        y = b(aten.permute.default, y, order)                            # N right before s
+        full = rshape[:s] + [N * rshape[s]] + rshape[s + 1:]
+        y = b(aten.reshape.default, y, full)
+        outs.append(_merge_strided(b, y, full, have))
+    return outs
+
+
+def collective_kind(have, want) -> str:
+    """Name of what ``redistribute`` does for have -> want (for planning and grouping)."""
+    if have == want:
+        return "none"
+    if is_replicate(have) and is_shard(want):
+        return "slice"
+    if is_shard(have) and is_replicate(want):
+        return "all_gather"
+    if is_partial(have):
+        return "all_reduce" if is_replicate(want) else "reduce_scatter"
+    if is_shard(have) and is_shard(want) and split_factor(want) == 1:
+        return "all_to_all"
+    return "via_replicate"
+
+
+def redistribute(b: Builder, x: Node, gshape, have, want, dtype) -> Node:
+    """Nodes turning ``x`` (placed ``have``) into the same tensor placed ``want``."""
+    kind = collective_kind(have, want)
+    if kind == "none":
+        return x
+    if b.ctx.world == 1:
+        return x
+    if kind == "slice":
+        return local_slice(b, x, gshape, want)
+    if kind == "all_gather":
+        return all_gather(b, x, gshape, have, dtype)
+    if kind == "all_reduce":
+        return all_reduce(b, x, gshape, dtype)
+    if kind == "reduce_scatter" and split_factor(want) == 1:
+        return reduce_scatter(b, x, gshape, want, dtype)
+    if kind == "all_to_all":
+        return all_to_all(b, [(x, gshape, have, want)], dtype)[0]
+    from .placements import Replicate
+    mid = redistribute(b, x, gshape, have, Replicate(), dtype)
+    b.phase = "late"
+    return redistribute(b, mid, gshape, Replicate(), want, dtype)

@@ -1,0 +1,46 @@
+"""The ``options`` dict of ``torch.compile(..., backend="seqpar", options=...)``, validated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from .errors import OptionsError, SeqparError
+from .strategies import IMPLEMENTED, STRATEGIES
+
+__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS"]
+
+STRATEGY_NAMES = tuple(STRATEGIES) + ("auto",)
+LOWERINGS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    strategy: str = "ulysses"
+    layers: Mapping[str, str] = field(default_factory=dict)
+    dump_dir: Optional[str] = None
+    lower: str = "inductor"
+
+    @classmethod
+    def from_dict(cls, options: Optional[Mapping]) -> "Options":
+        options = dict(options or {})
+        valid = [f for f in cls.__dataclass_fields__]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionsError(f"unknown seqpar option(s) {unknown}; valid options are {valid}")
+        opts = cls(**options)
+        opts._check_strategy(opts.strategy, "strategy")
+        for pattern, name in dict(opts.layers).items():
+            opts._check_strategy(name, f"layers[{pattern!r}]")
+        if opts.lower not in LOWERINGS:
+            raise OptionsError(f"lower={opts.lower!r} is not valid; choose one of {list(LOWERINGS)}")
+        if opts.layers:
+            raise SeqparError("per-layer strategies ('layers') are not implemented in this build yet")
+        return opts
+
+    @staticmethod
+    def _check_strategy(name, where):
+        if name not in STRATEGY_NAMES:
+            raise OptionsError(f"{where}={name!r} is not a strategy; choose one of {list(STRATEGY_NAMES)}")
+        if name not in IMPLEMENTED:
+            raise SeqparError(f"{where}={name!r} is a planned strategy that this build does not implement yet; "
+                              f"implemented: {list(IMPLEMENTED)}")

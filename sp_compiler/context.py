@@ -1,0 +1,79 @@
+"""What every pass sees: the options, the world, the strategy, and what passes leave for later ones."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .config import Options
+from .errors import ShapeConstraintError, module_path
+from .placements import Replicate, make_shard
+from .strategies import STRATEGIES, Strategy
+
+__all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "layer_of"]
+
+log = logging.getLogger("seqpar")
+
+PLACEMENT = "seqpar_placement"     # node.meta key: the node's placement
+INSERTED = "seqpar_inserted"       # node.meta key: node added by the insert pass (already local)
+
+_LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks|layer)\.\d+)(?:\.|$)")
+
+
+def layer_of(node) -> str:
+    """'model.layers.3' for a node inside a decoder layer, else its top-level module (or 'output')."""
+    if node.op == "output":
+        return "output"
+    path = module_path(node)
+    m = _LAYER.match(path)
+    return m.group(1) if m else path
+
+
+@dataclass
+class Demand:
+    user: torch.fx.Node           # the node that wants ...
+    src: torch.fx.Node            # ... this input ...
+    want: object                  # ... with this placement
+    group: Optional[torch.fx.Node] = None   # collectives sharing a group may be packed into one
+
+
+@dataclass
+class PassContext:
+    options: Options
+    world: int
+    rank: int
+    group_name: Optional[str]
+    example_inputs: list                          # what Dynamo passes, in placeholder order
+    input_fqns: List[Optional[str]]               # 'model.layers.0.mlp.up_proj.weight', None for user inputs
+    batch: int = 1
+    seq_len: int = 0
+    local_inputs: Dict[int, torch.Tensor] = field(default_factory=dict)   # pre-sliced weights
+    pending: Dict[tuple, Demand] = field(default_factory=dict)            # (user, src) -> Demand
+    collectives: List[dict] = field(default_factory=list)                 # one row per inserted collective
+
+    @property
+    def strategy(self) -> Strategy:
+        return STRATEGIES[self.options.strategy]
+
+    def strategy_for(self, node) -> Strategy:
+        return self.strategy
+
+    def rows_placement(self, node):
+        """Placement of a [B*S, K] (or [B, S, K]) activation sharded on the sequence like the residual."""
+        shape = tuple(node.meta["val"].shape)
+        if not self.strategy_for(node).seq_sharded:
+            return Replicate()
+        if shape[0] == self.batch * self.seq_len:
+            return make_shard(0, self.batch)
+        if len(shape) >= 2 and shape[1] == self.seq_len:
+            return make_shard(1)
+        return Replicate()
+
+    def check_divisible(self, node, size: int, what: str, hint: str):
+        if size % self.world:
+            raise ShapeConstraintError(
+                f"{what} ({size}) is not divisible by the world size ({self.world}) at node '{node.name}' "
+                f"in module '{module_path(node)}'. Fix: {hint}")

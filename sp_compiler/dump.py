@@ -1,0 +1,107 @@
+"""``dump_dir``: the graph before and after, each node's placement inline, and the collectives.
+
+    dump_dir/rank{R}/graph{K}/before.txt        ATen graph as captured, with propagated placements
+    dump_dir/rank{R}/graph{K}/after.txt         transformed local graph, local shapes
+    dump_dir/rank{R}/graph{K}/collectives.txt   one row per collective + a per-layer summary
+    dump_dir/rank{R}/graph{K}/collectives.json
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections import Counter
+
+import torch
+from tabulate import tabulate
+
+from .context import PLACEMENT
+from .errors import module_path
+from .placements import fmt
+
+__all__ = ["format_graph", "collective_table", "layer_summary", "GraphDumper"]
+
+_counter = itertools.count()
+
+
+def _short(x):
+    if isinstance(x, torch.fx.Node):
+        return "%" + x.name
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(_short(a) for a in x)
+        return f"[{inner}]"
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    return repr(x)
+
+
+def _val(n):
+    v = n.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return f"{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(str(list(t.shape)) for t in v if isinstance(t, torch.Tensor)) + ")"
+    return ""
+
+
+def format_graph(gm: torch.fx.GraphModule) -> str:
+    """One line per node: ``%name = op(args)    # placement  shape  module``."""
+    lines = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            code = f"%{n.name} = input"
+        elif n.op == "output":
+            code = f"return {_short(n.args[0])}"
+        elif n.op == "get_attr":
+            code = f"%{n.name} = self.{n.target}"
+        else:
+            args = [_short(a) for a in n.args] + [f"{k}={_short(v)}" for k, v in n.kwargs.items()]
+            target = getattr(n.target, "__name__", str(n.target))
+            if hasattr(n.target, "_schema"):
+                target = str(n.target).replace("aten.", "").replace("_c10d_functional.", "c10d.")
+            code = f"%{n.name} = {target}({', '.join(args)})"
+        note = f"{fmt(n.meta.get(PLACEMENT)):<12} {_val(n):<28} {module_path(n) if n.op == 'call_function' else ''}"
+        lines.append(f"{code:<90} # {note}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def collective_table(rows) -> str:
+    cols = ["layer", "kind", "dim", "shape", "dtype", "bytes", "what"]
+    return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, intfmt=",") + "\n"
+
+
+def layer_summary(rows) -> str:
+    per_layer = {}
+    for r in rows:
+        per_layer.setdefault(r["layer"], Counter())[r["kind"]] += 1
+    bytes_per_layer = Counter()
+    for r in rows:
+        bytes_per_layer[r["layer"]] += r["bytes"]
+    table = [[layer, ", ".join(f"{n} {k}" for k, n in sorted(c.items())), bytes_per_layer[layer]]
+             for layer, c in per_layer.items()]
+    return tabulate(table, headers=["layer", "collectives", "bytes"], intfmt=",") + "\n"
+
+
+class GraphDumper:
+    """Writes one compiled graph's files; ``None`` dump_dir makes every call a no-op."""
+
+    def __init__(self, dump_dir, rank: int):
+        self.dir = None
+        if dump_dir:
+            self.dir = os.path.join(dump_dir, f"rank{rank}", f"graph{next(_counter)}")
+            os.makedirs(self.dir, exist_ok=True)
+
+    def write(self, name: str, text: str):
+        if self.dir:
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write(text)
+
+    def on_pass(self, pass_name, gm):
+        if pass_name == "propagate":
+            self.write("before.txt", format_graph(gm))
+        elif pass_name == "check_local_shapes":
+            self.write("after.txt", format_graph(gm))
+
+    def collectives(self, rows, header=""):
+        self.write("collectives.txt", header + collective_table(rows) + "\nper layer:\n" + layer_summary(rows))
+        self.write("collectives.json", json.dumps(rows, indent=1, default=str))

@@ -1,0 +1,525 @@
+"""Placement propagation rules: one table, op -> rule, grouped by family.
+
+A rule looks at a node and the placements its inputs have now, and returns a
+``Decision``: the placement of the node's output, plus the placements it *wants* for
+some inputs. A want that differs from what an input has becomes a collective (or a
+local slice) in the ``insert`` pass, e.g.
+
+    mm(x: S(0), w: S(1))      -> wants x: R              (all_gather, megatron)
+    add(res: S(1), y: P)      -> wants y: S(1)           (reduce_scatter)
+    attention(q: S(2), ...)   -> wants q, k, v: S(1)     (all_to_all, ulysses)
+
+Strategy choices enter in three places only: the embedding (is the residual stream
+sequence sharded?), attention (heads or query rows) and the weights' placements, which
+``annotate`` sets from the strategy's TP plan.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch.fx import Node
+
+from .errors import ShapeConstraintError, ShardingError, UnsupportedOpError, module_path
+from .placements import (
+    Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, is_shard, make_shard,
+    shard_dim, split_factor, with_dim,
+)
+
+aten = torch.ops.aten
+
+__all__ = [
+    "Decision", "RULES", "TRANSPARENT", "ATTENTION_OPS", "rule_for", "map_through", "view_map",
+    "shape_of", "tensor_inputs", "attention_inputs",
+]
+
+
+@dataclass
+class Decision:
+    out: object                                         # placement, or tuple for multi-output ops
+    wants: Dict[Node, object] = field(default_factory=dict)
+    group: Optional[Node] = None                        # collectives demanded here may be packed together
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def shape_of(n) -> Optional[tuple]:
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def tensor_inputs(node: Node) -> list:
+    """Tensor-valued input nodes, in argument order, without repeats."""
+    seen = []
+    for n in node.all_input_nodes:
+        if shape_of(n) is not None and n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _infer(shape, numel) -> list:
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = numel // known if known else 0
+    return shape
+
+
+def view_map(src: tuple, dst: tuple, p, world: int):
+    """Placement of a view ``src -> dst`` of a tensor placed ``p``; None if not representable.
+
+    Flatten the tensor as [P, M, Q]: P = prod(src[:d]) * sf, M = src[d] / sf is the sharded
+    factor, Q the rest. A dst dim e (outer size A, size E) keeps the sharding when A | P and,
+    with m = E / (P/A), either e holds all of M (M | m) or the outer part of M in N-aligned
+    chunks (m | M and N | m). The new split factor is P / A.
+    """
+    if not is_shard(p):
+        return p
+    d, sf = p.dim, split_factor(p)
+    dst = _infer(dst, math.prod(src))
+    P, M = math.prod(src[:d]) * sf, src[d] // sf
+    A = 1
+    for e, E in enumerate(dst):
+        if E > 1 and P % A == 0 and E % (P // A) == 0:
+            m = E // (P // A)
+            if m % M == 0 or (M % m == 0 and m % world == 0):
+                return make_shard(e, P // A)
+        A *= E
+        if A > P:
+            break
+    return None
+
+
+# Ops that take one tensor and lay its elements out differently; a want on their output
+# can be moved to their input (``propagate`` hoists collectives through them).
+def _map_view(node, p, forward, world):
+    src, dst = shape_of(node.args[0]), shape_of(node)
+    return view_map(src, dst, p, world) if forward else view_map(dst, src, p, world)
+
+
+def _map_expand(node, p, forward, world):
+    src, dst = shape_of(node.args[0]), shape_of(node)
+    off = len(dst) - len(src)                                        # expand may add leading dims
+    d_src = p.dim if forward else p.dim - off
+    if d_src < 0 or src[d_src] != dst[d_src + off]:                 # never shard a broadcast dim
+        return None
+    return with_dim(p, d_src + off if forward else d_src)
+
+
+def _map_perm(perm):
+    def f(node, p, forward, world):
+        return with_dim(p, perm(node).index(p.dim) if forward else perm(node)[p.dim])
+    return f
+
+
+def _transpose_perm(node):
+    nd = len(shape_of(node))
+    a, b = (_norm(node.args[1], nd), _norm(node.args[2], nd)) if node.target != aten.t.default else (0, 1)
+    perm = list(range(nd))
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def _map_unsqueeze(node, p, forward, world):
+    u = _norm(node.args[1], len(shape_of(node)))
+    if forward:
+        return with_dim(p, p.dim + (p.dim >= u))
+    return None if p.dim == u else with_dim(p, p.dim - (p.dim > u))
+
+
+def _map_squeeze(node, p, forward, world):
+    src, dst = shape_of(node.args[0]), shape_of(node)
+    return view_map(src, dst, p, world) if forward else view_map(dst, src, p, world)
+
+
+def _map_same(node, p, forward, world):
+    return p
+
+
+def _map_slice(node, p, forward, world):
+    nd = len(shape_of(node))
+    return p if _norm(node.args[1], nd) != p.dim else None
+
+
+TRANSPARENT: Dict[object, Callable] = {
+    aten.view.default: _map_view,
+    aten._unsafe_view.default: _map_view,
+    aten.reshape.default: _map_view,
+    aten.expand.default: _map_expand,
+    aten.transpose.int: _map_perm(_transpose_perm),
+    aten.t.default: _map_perm(_transpose_perm),
+    aten.permute.default: _map_perm(lambda n: [_norm(d, len(shape_of(n))) for d in n.args[1]]),
+    aten.unsqueeze.default: _map_unsqueeze,
+    aten.squeeze.dim: _map_squeeze,
+    aten.squeeze.dims: _map_squeeze,
+    aten.clone.default: _map_same,
+    aten.alias.default: _map_same,
+    aten.detach.default: _map_same,
+    aten._to_copy.default: _map_same,
+    aten.slice.Tensor: _map_slice,
+}
+
+
+def map_through(node: Node, p, forward: bool, world: int):
+    """Placement of ``node``'s output from its input's (forward) or the reverse; None if none."""
+    if not is_shard(p):
+        return p
+    return TRANSPARENT[node.target](node, p, forward, world)
+
+
+# ----------------------------------------------------------------------------- families
+
+# Layout-only ops that commute with a sum over ranks.
+_PARTIAL_SAFE = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+                 aten.alias.default, aten.detach.default, aten.transpose.int, aten.t.default, aten.permute.default,
+                 aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default}
+
+
+def _transparent_rule(node, ctx, P):
+    src = node.args[0]
+    p = P(src)
+    out = map_through(node, p, True, ctx.world)
+    if out is None:
+        if node.target == aten.slice.Tensor:
+            s = shape_of(node.args[0])
+            if shape_of(node) == s:                     # a full slice: nothing to do
+                return Decision(p)
+        raise ShardingError(node, f"cannot keep sharding {p} of shape {shape_of(src)} through this op "
+                            f"(output shape {shape_of(node)})", placements=[p],
+                            hint="make the sharded size divisible by the world size, or choose another strategy")
+    if is_partial(p) and node.target not in _PARTIAL_SAFE:      # e.g. a dtype cast of a partial sum
+        return Decision(Replicate(), {src: Replicate()})
+    return Decision(out)
+
+
+_LINEAR_NARY = {aten.add.Tensor, aten.sub.Tensor}
+_LINEAR_SCALE = {aten.mul.Tensor, aten.div.Tensor}
+_LINEAR_UNARY = {aten.neg.default}
+
+
+def _aligned(x, out_shape):
+    """Map from x's dims to output dims under broadcasting; also which of x's dims broadcast."""
+    s = shape_of(x)
+    off = len(out_shape) - len(s)
+    return off, [s[i] == 1 and out_shape[i + off] != 1 for i in range(len(s))]
+
+
+def _pointwise_rule(node, ctx, P):
+    out_shape = shape_of(node)
+    ins = tensor_inputs(node)
+    wants = {}
+    pl = {x: P(x) for x in ins}
+
+    partials = [x for x in ins if is_partial(pl[x])]
+    if partials:
+        if _is_linear_in_partials(node, ins, pl):
+            return Decision(Partial())
+        # A Partial meets something else: resolve it to where the others live.
+        target = None
+        for x in ins:
+            if is_shard(pl[x]):
+                off, _ = _aligned(x, out_shape)
+                target = with_dim(pl[x], pl[x].dim + off)
+                break
+        for x in partials:
+            off, _ = _aligned(x, out_shape)
+            want = with_dim(target, target.dim - off) if target is not None and target.dim >= off else Replicate()
+            wants[x] = want
+            pl[x] = want
+
+    chosen = None
+    for x in ins:
+        if is_shard(pl[x]):
+            off, _ = _aligned(x, out_shape)
+            chosen = with_dim(pl[x], pl[x].dim + off)
+            break
+    if chosen is None:
+        return Decision(Replicate(), wants)
+    for x in ins:
+        off, bcast = _aligned(x, out_shape)
+        local_dim = chosen.dim - off
+        if local_dim < 0 or bcast[local_dim]:
+            if is_shard(pl[x]):       # sharded along a dim the output does not shard
+                wants[x] = Replicate()
+            continue
+        want = with_dim(chosen, local_dim)
+        if pl[x] != want:
+            wants[x] = want
+    return Decision(chosen, wants)
+
+
+def _is_linear_in_partials(node, ins, pl) -> bool:
+    t = node.target
+    n_partial = sum(is_partial(pl[x]) for x in ins)
+    if t in _LINEAR_NARY:
+        return n_partial == len(ins) and all(isinstance(a, Node) for a in node.args[:2])
+    if t in _LINEAR_SCALE:
+        others_ok = all(is_replicate(pl[x]) for x in ins if not is_partial(pl[x]))
+        first_is_partial = isinstance(node.args[0], Node) and is_partial(pl[node.args[0]])
+        return n_partial == 1 and others_ok and (t == aten.mul.Tensor or first_is_partial)
+    if t in _LINEAR_UNARY:
+        return True
+    return False
+
+
+def _reduced_dims(node):
+    nd = len(shape_of(node.args[0]))
+    t = node.target
+    if t in (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default, aten.argmax.default):
+        dims, keep = [node.args[1]], t != aten.argmax.default or (len(node.args) > 2 and node.args[2])
+    else:
+        dims = node.args[1] if len(node.args) > 1 else list(range(nd))
+        dims = [dims] if isinstance(dims, int) else (dims or list(range(nd)))
+        keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    return sorted(_norm(d, nd) for d in dims), keep
+
+
+def _reduction_rule(node, ctx, P):
+    x = node.args[0]
+    p = P(x)
+    if is_partial(p):
+        return Decision(Replicate(), {x: Replicate()})
+    if not is_shard(p):
+        return Decision(p)
+    dims, keep = _reduced_dims(node)
+    if p.dim in dims:
+        return Decision(Replicate(), {x: Replicate()})
+    return Decision(with_dim(p, p.dim - (0 if keep else sum(d < p.dim for d in dims))))
+
+
+def _layer_norm_rule(node, ctx, P):
+    x, normalized = node.args[0], node.args[1]
+    wants = {w: Replicate() for w in node.args[2:4] if isinstance(w, Node) and not is_replicate(P(w))}
+    p = P(x)
+    if is_partial(p) or (is_shard(p) and p.dim >= len(shape_of(x)) - len(normalized)):
+        wants[x], p = Replicate(), Replicate()
+    return Decision((p, p, p), wants)
+
+
+def _mm_rule(node, ctx, P):
+    """[M, K] @ [K, N]. Rows may be sharded (sequence), columns of the weight (colwise TP),
+    or K on both sides (rowwise TP -> Partial)."""
+    a, b = node.args[0], node.args[1]
+    pa, pb = P(a), P(b)
+    if is_partial(pa):
+        return Decision(Replicate(), {a: Replicate()}) if is_replicate(pb) else _fail(node, [pa, pb])
+    da, db = shard_dim(pa), shard_dim(pb)
+    if db is None and not is_partial(pb):                           # full weight
+        if da == 1:                                                  # K sharded, weight whole
+            want = ctx.rows_placement(a)
+            return Decision(want, {a: want})
+        return Decision(pa)
+    if db == 0:                                                      # rowwise weight: K sharded
+        want_a = with_dim(pb, 1)
+        return Decision(Partial(), {a: want_a} if pa != want_a else {})
+    if db == 1:                                                      # colwise weight
+        return Decision(pb, {a: Replicate()} if not is_replicate(pa) else {})
+    return _fail(node, [pa, pb])
+
+
+def _fail(node, placements):
+    raise UnsupportedOpError(node, "no rule for these input placements", placements=placements,
+                             hint="report this model and strategy; choose another strategy meanwhile")
+
+
+def _bmm_rule(node, ctx, P):
+    a, b = node.args[0], node.args[1]
+    pa, pb = P(a), P(b)
+    if is_replicate(pa) and is_replicate(pb):
+        return Decision(Replicate())
+    if pa == pb and shard_dim(pa) == 0:
+        return Decision(pa)
+    return Decision(Replicate(), {x: Replicate() for x in (a, b) if not is_replicate(P(x))})
+
+
+def _embedding_rule(node, ctx, P):
+    weight, idx = node.args[0], node.args[1]
+    wants = {} if is_replicate(P(weight)) else {weight: Replicate()}
+    p = P(idx)
+    strategy = ctx.strategy_for(node)
+    if strategy.seq_sharded and is_replicate(p) and len(shape_of(idx)) >= 2:
+        p = Shard(1)
+        wants[idx] = p
+        ctx.check_divisible(node, shape_of(idx)[1], "the sequence length",
+                            "pad the prompt to a multiple of the world size, or use 'tp'")
+    return Decision(p, wants)
+
+
+def _cat_rule(node, ctx, P):
+    tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    nd = len(shape_of(node))
+    dim = _norm(dim, nd)
+    live = [t for t in tensors if shape_of(t)[dim] != 0]            # HF caches start as empty tensors
+    if len(live) == 1:
+        return Decision(P(live[0]))
+    pl = [P(t) for t in live]
+    chosen = next((p for p in pl if is_shard(p)), None)
+    if chosen is None:
+        if any(is_partial(p) for p in pl):
+            return Decision(Replicate(), {t: Replicate() for t in live if is_partial(P(t))})
+        return Decision(Replicate())
+    if chosen.dim == dim:
+        return Decision(Replicate(), {t: Replicate() for t in live if not is_replicate(P(t))})
+    return Decision(chosen, {t: chosen for t in live if P(t) != chosen})
+
+
+def _split_rule(node, ctx, P):
+    x = node.args[0]
+    p = P(x)
+    nd = len(shape_of(x))
+    dim = _norm(node.args[2] if len(node.args) > 2 else 0, nd)
+    n_out = len(node.meta["val"])
+    if not is_shard(p) or p.dim != dim:
+        if is_partial(p):
+            return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
+        return Decision(tuple([p] * n_out))
+    sizes = [shape_of(x)[dim] // n_out] * n_out
+    if split_factor(p) == n_out and len(set(sizes)) == 1:            # [q | k | v] split into its blocks
+        return Decision(tuple([Shard(dim)] * n_out))
+    return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
+
+
+def _getitem_rule(node, ctx, P):
+    src, i = node.args
+    p = P(src)
+    return Decision(p[i] if isinstance(p, tuple) else p)
+
+
+def _creation_rule(node, ctx, P):
+    return Decision(Replicate())
+
+
+def _select_rule(node, ctx, P):
+    x = node.args[0]
+    p = P(x)
+    if not is_shard(p):
+        return Decision(p if not is_partial(p) else Replicate(), {x: Replicate()} if is_partial(p) else {})
+    dim = _norm(node.args[1], len(shape_of(x)))
+    if dim == p.dim:
+        return Decision(Replicate(), {x: Replicate()})
+    return Decision(with_dim(p, p.dim - (dim < p.dim)))
+
+
+def _replicated_only_rule(node, ctx, P):
+    """Ops we only run on whole tensors (index, gather, ...): everything becomes Replicate.
+    Only mask construction reaches them in the supported models; a sharded input is gathered."""
+    ins = tensor_inputs(node)
+    wants = {x: Replicate() for x in ins if not is_replicate(P(x))}
+    v = node.meta.get("val")
+    out = tuple(Replicate() for _ in v) if isinstance(v, (tuple, list)) else Replicate()
+    return Decision(out, wants)
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten.scaled_dot_product_attention.default,
+}
+
+
+def attention_inputs(node):
+    """(q, k, v, mask) of an attention node; mask may be None."""
+    q, k, v = node.args[:3]
+    mask = node.kwargs.get("attn_mask")
+    if node.target in (aten._scaled_dot_product_efficient_attention.default,
+                       aten._scaled_dot_product_cudnn_attention.default):
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_bias")
+    elif node.target == aten.scaled_dot_product_attention.default and len(node.args) > 3:
+        mask = node.args[3]
+    return q, k, v, mask
+
+
+def _attention_rule(node, ctx, P):
+    strategy = ctx.strategy_for(node)
+    if strategy.attention != "heads":
+        raise ShardingError(node, f"attention mode {strategy.attention!r} is not implemented in this build",
+                            hint="use 'tp', 'ulysses', 'megatron_sp' or 'megatron_sp_tp'")
+    q, k, v, mask = attention_inputs(node)
+    heads = Shard(1)                                                 # [B, H, S, D]
+    for x, what in ((q, "query heads"), (k, "key/value heads")):
+        ctx.check_divisible(node, shape_of(x)[1], what,
+                            "choose a world size that divides the KV head count, or 'vanilla_sp'")
+    wants = {x: heads for x in (q, k, v) if P(x) != heads}
+    if mask is not None:
+        mshape = shape_of(mask)
+        want_m = heads if len(mshape) == 4 and mshape[1] != 1 else Replicate()
+        if P(mask) != want_m:
+            wants[mask] = want_m
+    out = []
+    for val in node.meta["val"]:
+        sharded = isinstance(val, torch.Tensor) and val.dim() >= 3 and val.shape[1] == shape_of(q)[1]
+        out.append(heads if sharded else Replicate())
+    return Decision(tuple(out), wants, group=node)
+
+
+# ----------------------------------------------------------------------------- the table
+
+_POINTWISE = [
+    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "neg.default", "rsqrt.default", "sqrt.default",
+    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "silu.default", "gelu.default", "tanh.default", "sigmoid.default",
+    "relu.default", "exp.default", "log.default", "cos.default", "sin.default", "erf.default", "abs.default",
+    "where.self", "eq.Tensor", "eq.Scalar", "ne.Tensor", "ne.Scalar", "le.Tensor", "le.Scalar", "lt.Tensor",
+    "lt.Scalar", "ge.Tensor", "ge.Scalar", "gt.Tensor", "gt.Scalar", "bitwise_and.Tensor", "bitwise_or.Tensor",
+    "bitwise_not.default", "logical_and.default", "logical_or.default", "logical_not.default",
+    "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default", "minimum.default", "clamp.default",
+    "clamp_min.default", "clamp_max.default", "reciprocal.default", "add.Scalar", "mul.Scalar", "sub.Scalar",
+    "div.Scalar", "fill.Scalar",
+]
+_REDUCTIONS = ["mean.dim", "sum.dim_IntList", "sum.default", "amax.default", "amin.default", "any.dim",
+               "_softmax.default", "_log_softmax.default", "cumsum.default", "argmax.default"]
+_CREATION = ["arange.default", "arange.start", "arange.start_step", "full.default", "zeros.default",
+             "ones.default", "empty.memory_format", "scalar_tensor.default", "new_ones.default",
+             "new_zeros.default", "new_empty.default", "new_full.default", "lift_fresh_copy.default",
+             "full_like.default", "zeros_like.default", "ones_like.default"]
+_REPLICATED_ONLY = ["index.Tensor", "gather.default", "index_select.default", "diff.default",
+                    "tril.default", "triu.default"]
+
+
+def _ops(names):
+    return [getattr(getattr(aten, n.split(".")[0]), n.split(".")[1]) for n in names
+            if hasattr(aten, n.split(".")[0]) and hasattr(getattr(aten, n.split(".")[0]), n.split(".")[1])]
+
+
+RULES: Dict[object, Callable] = {
+    **{op: _pointwise_rule for op in _ops(_POINTWISE)},
+    **{op: _reduction_rule for op in _ops(_REDUCTIONS)},
+    **{op: _creation_rule for op in _ops(_CREATION)},
+    **{op: _replicated_only_rule for op in _ops(_REPLICATED_ONLY)},
+    **{op: _transparent_rule for op in TRANSPARENT},
+    **{op: _attention_rule for op in ATTENTION_OPS},
+    aten._to_copy.default: _pointwise_rule,
+    aten.mm.default: _mm_rule,
+    aten.bmm.default: _bmm_rule,
+    aten.embedding.default: _embedding_rule,
+    aten.native_layer_norm.default: _layer_norm_rule,
+    aten.cat.default: _cat_rule,
+    aten.split.Tensor: _split_rule,
+    aten.select.int: _select_rule,
+    operator.getitem: _getitem_rule,
+}
+
+
+def rule_for(node: Node) -> Callable:
+    """The rule for ``node``; ops without one are fine on replicated inputs only."""
+    return RULES.get(node.target, _default_rule)
+
+
+def _default_rule(node, ctx, P):
+    ins = tensor_inputs(node)
+    pl = [P(x) for x in ins]
+    if any(is_shard(p) for p in pl):
+        raise UnsupportedOpError(node, "this op has no sharding rule and sits on a sharded path", placements=pl,
+                                 hint="add a rule for it in sp_compiler/rules.py (RULES), or choose 'tp' "
+                                      "which keeps the residual stream replicated")
+    return _replicated_only_rule(node, ctx, P)

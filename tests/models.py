@@ -1,0 +1,171 @@
+"""Tiny real HuggingFace causal-LM models with random weights, for tests.
+
+Every builder is deterministic (``torch.manual_seed``), returns an fp32 model in
+eval mode that uses ``attn_implementation="sdpa"``, and downloads nothing.
+
+Families:
+
+* ``llama``   - ``LlamaForCausalLM``, grouped-query attention (``kv_heads < heads``)
+* ``mistral`` - ``MistralForCausalLM``, GQA (sliding window off unless overridden)
+* ``qwen2``   - ``Qwen2ForCausalLM``, GQA, q/k/v projections carry a bias
+* ``gpt2``    - ``GPT2LMHeadModel``, multi-head attention (``kv_heads`` ignored)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FAMILIES",
+    "MAX_POSITIONS",
+    "build_config",
+    "build_model",
+    "make_inputs",
+    "packed_position_ids",
+]
+
+#: Model families the tests parametrise over.
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+#: Maximum sequence length every tiny model supports.
+MAX_POSITIONS = 1024
+
+
+def build_config(
+    family: str,
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    vocab: int = 128,
+    **overrides: Any,
+):
+    """Return the ``transformers`` config for a tiny model of ``family``.
+
+    ``overrides`` are passed to the config constructor last, so a test can set
+    e.g. ``sliding_window=16`` for mistral or ``tie_word_embeddings=True``.
+    """
+    import transformers
+
+    if hidden % heads:
+        raise ValueError(f"hidden={hidden} is not divisible by heads={heads}")
+    common: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": torch.float32}
+
+    if family == "gpt2":
+        kwargs = dict(
+            vocab_size=vocab,
+            n_positions=MAX_POSITIONS,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            # n_inner=None -> GPT-2's own default of 4 * hidden
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+        kwargs.update(common)
+        kwargs.update(overrides)
+        return transformers.GPT2Config(**kwargs)
+
+    if heads % kv_heads:
+        raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads}")
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        cls = transformers.LlamaConfig
+    elif family == "mistral":
+        cls = transformers.MistralConfig
+        kwargs["sliding_window"] = None
+    elif family == "qwen2":
+        cls = transformers.Qwen2Config
+        kwargs["bos_token_id"] = 1
+        kwargs["eos_token_id"] = 2
+    else:
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    kwargs.update(common)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def build_model(
+    family: str,
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    vocab: int = 128,
+    seed: int = 0,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a tiny ``family`` causal LM with random weights (fp32, eval mode, SDPA).
+
+    The same arguments always give bit-identical weights, in any process.
+    """
+    import transformers
+
+    config = build_config(
+        family, layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, vocab=vocab, **overrides
+    )
+    cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "gpt2": transformers.GPT2LMHeadModel,
+    }[family]
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32).eval()
+    if model.config._attn_implementation != "sdpa":  # pragma: no cover - guard against HF changes
+        raise RuntimeError(f"{family}: expected sdpa attention, got {model.config._attn_implementation!r}")
+    return model
+
+
+def make_inputs(family: str, batch: int, seq: int, seed: int = 1, *, vocab: int = 128) -> torch.Tensor:
+    """Deterministic random ``input_ids`` of shape ``[batch, seq]`` (``torch.long``).
+
+    ``family`` is checked and kept for symmetry with :func:`build_model`; all
+    families share the token range ``[0, vocab)``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    if seq > MAX_POSITIONS:
+        raise ValueError(f"seq={seq} exceeds the tiny models' {MAX_POSITIONS} positions")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=gen, dtype=torch.long)
+
+
+def packed_position_ids(
+    batch: int, doc_lengths: Sequence[int] | Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Position ids for packed sequences: they restart at 0 at every document start.
+
+    ``doc_lengths`` is either one list of document lengths used for every row,
+    or one list per row (all rows must sum to the same length). Returns a
+    ``[batch, total]`` ``torch.long`` tensor, e.g. ``doc_lengths=[3, 2]`` gives
+    ``[[0, 1, 2, 0, 1]] * batch``.
+    """
+    if len(doc_lengths) and isinstance(doc_lengths[0], (int,)):
+        per_row = [list(doc_lengths)] * batch  # type: ignore[list-item]
+    else:
+        per_row = [list(r) for r in doc_lengths]  # type: ignore[union-attr]
+        if len(per_row) != batch:
+            raise ValueError(f"got {len(per_row)} rows of doc_lengths for batch={batch}")
+    totals = {sum(r) for r in per_row}
+    if len(totals) != 1:
+        raise ValueError(f"rows have different total lengths: {sorted(totals)}")
+    if any(n <= 0 for r in per_row for n in r):
+        raise ValueError("document lengths must be positive")
+    rows = [torch.cat([torch.arange(n, dtype=torch.long) for n in r]) for r in per_row]
+    return torch.stack(rows)
