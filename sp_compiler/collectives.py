@@ -2,6 +2,7 @@
 
     have -> want           nodes built (x is one rank's local piece)
     R    -> S(d)           slice(x, d, r*L, (r+1)*L)                     local, no communication
+    R    -> P              x * (rank == 0)                               local (a bias joining a partial sum)
     S(d) -> R              all_gather_into_tensor(x moved to dim 0) + wait_tensor
     P    -> R              all_reduce(x, "sum") + wait_tensor
     P    -> S(d)           reduce_scatter_tensor(x moved to dim 0) + wait_tensor
@@ -176,6 +177,8 @@ def collective_kind(have, want) -> str:
         return "none"
     if is_replicate(have) and is_shard(want):
         return "slice"
+    if is_replicate(have) and is_partial(want):
+        return "partial"
     if is_shard(have) and is_replicate(want):
         return "all_gather"
     if is_partial(have):
@@ -194,6 +197,8 @@ def redistribute(b: Builder, x: Node, gshape, have, want, dtype) -> Node:
         return x
     if kind == "slice":
         return local_slice(b, x, gshape, want)
+    if kind == "partial":                                            # rank 0 keeps it, the others add 0
+        return b(aten.mul.Tensor, x, 1.0 if b.ctx.rank == 0 else 0.0)
     if kind == "all_gather":
         return all_gather(b, x, gshape, have, dtype)
     if kind == "all_reduce":

@@ -221,6 +221,9 @@ def _pointwise_rule(node, ctx, P):
     if partials:
         if _is_linear_in_partials(node, ins, pl):
             return Decision(Partial())
+        bias = _partial_bias(node, ins, pl, out_shape)
+        if bias is not None:                   # P + bias: rank 0 adds the bias, the sum stays pending
+            return Decision(Partial(), {bias: Partial()})
         # A Partial meets something else: resolve it to where the others live.
         target = None
         for x in ins:
@@ -253,6 +256,16 @@ def _pointwise_rule(node, ctx, P):
         if pl[x] != want:
             wants[x] = want
     return Decision(chosen, wants)
+
+
+def _partial_bias(node, ins, pl, out_shape):
+    """In add(P, b) with b a replicated, broadcast operand (a bias), b can join the partial sum."""
+    if node.target != aten.add.Tensor or len(ins) != 2 or not all(isinstance(a, Node) for a in node.args[:2]):
+        return None
+    (b,) = [x for x in ins if not is_partial(pl[x])] or [None]
+    if b is not None and is_replicate(pl[b]) and math.prod(shape_of(b)) < math.prod(out_shape):
+        return b
+    return None
 
 
 def _is_linear_in_partials(node, ins, pl) -> bool:
