@@ -21,10 +21,11 @@ from .config import Options
 from .context import PassContext
 from .dump import GraphDumper, layer_summary
 
-__all__ = ["seqpar_backend", "last_report", "input_fqns", "world_info"]
+__all__ = ["seqpar_backend", "last_report", "last_graph", "input_fqns", "world_info"]
 
 log = logging.getLogger("seqpar")
 _last_report: List[dict] = []
+_last: dict = {}
 
 
 def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None):
@@ -36,6 +37,7 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
     _last_report[:] = ctx.collectives
+    _last.update(gm=aten_gm, ctx=ctx)
     log.info("seqpar: %s on %d ranks, collectives per layer:\n%s", opts.strategy, world, layer_summary(ctx.collectives))
     return lower(aten_gm, ctx)
 
@@ -43,6 +45,12 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
 def last_report() -> List[dict]:
     """Collectives of the graph this process compiled last: dicts with layer, kind, dim, shape, bytes."""
     return list(_last_report)
+
+
+def last_graph():
+    """(transformed local ATen GraphModule, PassContext) of the last compile in this process.
+    Nodes carry meta['val'] (local fake tensors) and meta['seqpar_placement']."""
+    return _last.get("gm"), _last.get("ctx")
 
 
 def world_info():
