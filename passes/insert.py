@@ -3,8 +3,9 @@
     before:  y = op(x)          x: S(2), op wants S(1)
     after:   c = all_to_all_single(prep(x)) ... w = wait_tensor(c); y = op(post(w))
 
-Wants on the same tensor with the same target share one conversion. All-to-alls
-demanded by one attention node (its q, k and v) are packed into a single call.
+Wants on the same tensor with the same target share one conversion. The all-to-alls
+or all-gathers one attention node demands (q, k, v for Ulysses; K, V for vanilla SP) are
+packed into a single call.
 Every collective gets a row in ``ctx.collectives`` (layer, kind, dim, shape, bytes).
 """
 from __future__ import annotations
@@ -13,11 +14,16 @@ from collections import defaultdict
 
 import torch
 
-from sp_compiler.collectives import Builder, all_to_all, collective_kind, redistribute
+from sp_compiler.collectives import Builder, all_gather, all_to_all, collective_kind, redistribute
 from sp_compiler.context import INSERTED, PLACEMENT, layer_of
 from sp_compiler.placements import fmt
 
 __all__ = ["insert_collectives"]
+
+_PACKABLE = {
+    "all_to_all": all_to_all,                                                  # q | k | v (Ulysses)
+    "all_gather": lambda b, items, dtype, what: all_gather(b, [i[:3] for i in items], dtype, what),  # K | V
+}
 
 
 def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -30,11 +36,12 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     packs = defaultdict(list)                                      # attention node -> [(src, want)]
     for (src, want), demands in by_target.items():
         group = demands[0].group
-        if group is not None and ctx.world > 1 and collective_kind(src.meta[PLACEMENT], want) == "all_to_all":
-            packs[group].append((src, want))
+        kind = collective_kind(src.meta[PLACEMENT], want)
+        if group is not None and ctx.world > 1 and kind in _PACKABLE:
+            packs[(group, kind)].append((src, want))
 
     packed = {key for keys in packs.values() for key in keys}
-    for group, keys in packs.items():
+    for (group, kind), keys in packs.items():
         keys.sort(key=lambda k: order[k[0]])
         after = keys[-1][0]
         for k in keys:
@@ -46,7 +53,7 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         val = keys[0][0].meta["val"]
         items = [(src, tuple(src.meta["val"].shape), src.meta[PLACEMENT], want) for src, want in keys]
         what = ", ".join(f"{src.name} {fmt(src.meta[PLACEMENT])}->{fmt(want)}" for src, want in keys)
-        outs = all_to_all(b, items, val.dtype, what=what)
+        outs = _PACKABLE[kind](b, items, val.dtype, what=what)
         for (src, want), out in zip(keys, outs):
             _rewire(by_target[(src, want)], src, out, want)
         _report(ctx, b, users)

@@ -3,7 +3,7 @@
     have -> want           nodes built (x is one rank's local piece)
     R    -> S(d)           slice(x, d, r*L, (r+1)*L)                     local, no communication
     R    -> P              x * (rank == 0)                               local (a bias joining a partial sum)
-    S(d) -> R              all_gather_into_tensor(x moved to dim 0) + wait_tensor
+    S(d) -> R              all_gather_into_tensor(flat x) + wait_tensor, rank j's rows to chunk j
     P    -> R              all_reduce(x, "sum") + wait_tensor
     P    -> S(d)           reduce_scatter_tensor(x moved to dim 0) + wait_tensor
     S(s) -> S(t)           all_to_all_single: split t into N pieces, send piece j to rank j,
@@ -12,7 +12,9 @@
 
 Every collective is issued right after its input exists; its ``wait_tensor`` and whatever
 follows are placed right before the first use, so Inductor can overlap the transfer.
-``all_to_all`` takes several tensors and packs them into one call (q, k, v for Ulysses).
+``all_to_all`` and ``all_gather`` take several tensors and pack them into one call (q, k, v
+for Ulysses; K and V for vanilla SP). With a zig-zag layout (``vanilla_sp_zigzag``) rank r
+holds sequence chunks r and 2N-1-r of 2N: slices take those two, gathers put them back.
 """
 from __future__ import annotations
 
@@ -87,28 +89,89 @@ def _merge_strided(b, x, shape, p):
     return b(aten.reshape.default, x, merged)
 
 
+def _zigzag(b) -> bool:
+    return b.ctx.strategy.zigzag
+
+
+def _zigzag_chunks(N: int, r: int):
+    """Rank r's two chunks of 2N: r and 2N-1-r (equal attention work per rank)."""
+    return (r, 2 * N - 1 - r)
+
+
 def local_slice(b: Builder, x, gshape, want):
-    """R -> S(d[, sf]): keep this rank's chunk, no communication."""
+    """R -> S(d[, sf]): keep this rank's rows, no communication."""
     N, r = b.ctx.world, b.ctx.rank
     x, shape, d = _expand_strided(b, x, gshape, want)
-    L = shape[d] // N
-    y = b(aten.slice.Tensor, x, d, r * L, (r + 1) * L)
-    shape[d] = L
+    if _zigzag(b):
+        C = shape[d] // (2 * N)
+        y = b(aten.cat.default, [b(aten.slice.Tensor, x, d, c * C, (c + 1) * C) for c in _zigzag_chunks(N, r)], d)
+    else:
+        L = shape[d] // N
+        y = b(aten.slice.Tensor, x, d, r * L, (r + 1) * L)
+    shape[d] //= N
     return _merge_strided(b, y, shape, want)
 
 
-def all_gather(b: Builder, x, gshape, have, dtype):
+def _flatten_for_ranks(b, x, shape, t=None):
+    """Local tensor -> [N, F]: row j is what goes to rank j (split along t), or all of it (t None)."""
+    N = b.ctx.world
+    if t is None:
+        y = b(aten.clone.default, x, memory_format=torch.contiguous_format)
+        return b(aten.view.default, y, [math.prod(shape)]), list(shape)
+    split = shape[:t] + [N, shape[t] // N] + shape[t + 1:]             # [.., N, T/N, ..]
+    y = b(aten.reshape.default, x, split)
+    y = b(aten.permute.default, y, _perm_to_front(len(split), t))
+    y = b(aten.clone.default, y, memory_format=torch.contiguous_format)
+    recv_shape = shape[:t] + [shape[t] // N] + shape[t + 1:]
+    return b(aten.view.default, y, [N, math.prod(recv_shape)]), recv_shape
+
+
+def _merge_from_ranks(b, part, rshape, s, have):
+    """[N, F] with row j = rank j's piece of dim s -> the tensor with s whole, in sequence order."""
+    N = b.ctx.world
+    y = b(aten.view.default, part, [N] + rshape)                         # [src rank, ..local dims..]
+    nd = len(rshape)
+    y = b(aten.permute.default, y, [1 + i for i in range(s)] + [0] + [1 + i for i in range(s, nd)])
+    full = rshape[:s] + [N * rshape[s]] + rshape[s + 1:]
+    y = b(aten.reshape.default, y, full)
+    if _zigzag(b):                                                       # rank order -> sequence order
+        C = full[s] // (2 * N)
+        where = {}
+        for rank in range(N):
+            for k, c in enumerate(_zigzag_chunks(N, rank)):
+                where[c] = 2 * rank + k
+        y = b(aten.cat.default, [b(aten.slice.Tensor, y, s, where[c] * C, (where[c] + 1) * C)
+                                 for c in range(2 * N)], s)
+    return _merge_strided(b, y, full, have)
+
+
+def _split_packed(b, recv, sizes):
+    if len(sizes) == 1:
+        return [recv]
+    pieces = b(aten.split_with_sizes.default, recv, sizes, 1)
+    return [b(operator.getitem, pieces, i) for i in range(len(sizes))]
+
+
+def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]:
+    """Packed all_gather. ``items`` = [(x, global shape, have S(s[,sf]))]; returns the whole tensors.
+
+    Per tensor flatten -> [F_i]; cat -> [sum F_i]; all_gather_into_tensor -> [N * sum F_i];
+    view [N, sum F_i], split, and per tensor put rank j's rows at chunk j of dim s.
+    """
     N, group = b.ctx.world, b.ctx.group_name
-    lshape = local_shape(gshape, have, N)
-    x, shape, d = _expand_strided(b, x, lshape, have)
-    perm = _perm_to_front(len(shape), d)
-    y = b(aten.clone.default, b(aten.permute.default, x, perm), memory_format=torch.contiguous_format)
-    g = b(c10d.all_gather_into_tensor.default, y, N, group)
-    b.record("all_gather", have.dim, gshape, dtype)
+    flat, metas = [], []
+    for x, gshape, have in items:
+        x, shape, s = _expand_strided(b, x, local_shape(gshape, have, N), have)
+        f, rshape = _flatten_for_ranks(b, x, shape)
+        flat.append(f)
+        metas.append((rshape, s, have))
+    sizes = [math.prod(m[0]) for m in metas]
+    packed = flat[0] if len(flat) == 1 else b(aten.cat.default, flat)
+    g = b(c10d.all_gather_into_tensor.default, packed, N, group)
+    b.record("all_gather", items[0][2].dim, (N, sum(sizes)), dtype, what)
     b.late()
-    out = b(aten.permute.default, b(c10d.wait_tensor.default, g), _inverse(perm))
-    shape[d] *= N
-    return _merge_strided(b, out, shape, have)
+    recv = b(aten.view.default, b(c10d.wait_tensor.default, g), [N, sum(sizes)])
+    return [_merge_from_ranks(b, part, *meta) for part, meta in zip(_split_packed(b, recv, sizes), metas)]
 
 
 def all_reduce(b: Builder, x, gshape, dtype):
@@ -121,6 +184,8 @@ def all_reduce(b: Builder, x, gshape, dtype):
 def reduce_scatter(b: Builder, x, gshape, want, dtype):
     N = b.ctx.world
     d = want.dim
+    if _zigzag(b):
+        raise NotImplementedError("reduce_scatter onto a zig-zag sequence layout")
     perm = _perm_to_front(len(gshape), d)
     y = b(aten.clone.default, b(aten.permute.default, x, perm), memory_format=torch.contiguous_format)
     rs = b(c10d.reduce_scatter_tensor.default, y, "sum", N, b.ctx.group_name)
@@ -134,41 +199,25 @@ def all_to_all(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
 
     Per tensor (local [.., L_s, .., T, ..]):  split t as [N, T/N], move N to the front,
     flatten -> [N, F_i];  cat all -> [N, sum F_i];  all_to_all_single over dim 0;
-    split back, and per tensor move the received N (source rank) in front of s, merge.
+    split back, and per tensor put source rank j's rows at chunk j of dim s.
     """
     N, group = b.ctx.world, b.ctx.group_name
+    if _zigzag(b):
+        raise NotImplementedError("all_to_all on a zig-zag sequence layout")
     flat, metas = [], []
     for x, gshape, have, want in items:
         x, shape, s = _expand_strided(b, x, local_shape(gshape, have, N), have)
         t = want.dim + (1 if split_factor(have) > 1 and want.dim > have.dim else 0)
-        split = shape[:t] + [N, shape[t] // N] + shape[t + 1:]           # [.., N, T/N, ..]
-        y = b(aten.reshape.default, x, split)
-        y = b(aten.permute.default, y, _perm_to_front(len(split), t))
-        y = b(aten.clone.default, y, memory_format=torch.contiguous_format)
-        recv_shape = shape[:t] + [shape[t] // N] + shape[t + 1:]
-        flat.append(b(aten.view.default, y, [N, math.prod(recv_shape)]))
-        metas.append((recv_shape, s, have))
+        f, rshape = _flatten_for_ranks(b, x, shape, t)
+        flat.append(f)
+        metas.append((rshape, s, have))
     sizes = [math.prod(m[0]) for m in metas]
     packed = flat[0] if len(flat) == 1 else b(aten.cat.default, flat, 1)
     a2a = b(c10d.all_to_all_single.default, packed, [1] * N, [1] * N, group)
     b.record("all_to_all", f"{items[0][2].dim}->{items[0][3].dim}", (N, sum(sizes)), dtype, what)
     b.late()
     recv = b(c10d.wait_tensor.default, a2a)
-    if len(flat) == 1:
-        parts = [recv]
-    else:
-        pieces = b(aten.split_with_sizes.default, recv, sizes, 1)
-        parts = [b(operator.getitem, pieces, i) for i in range(len(sizes))]
-    outs = []
-    for part, (rshape, s, have) in zip(parts, metas):
-        y = b(aten.view.default, part, [N] + rshape)                     # [src rank, ..local dims..]
-        nd = len(rshape)
-        order = [1 + i for i in range(s)] + [0] + [1 + i for i in range(s, nd)]
-        y = b(aten.permute.default, y, order)                            # N right before s
-        full = rshape[:s] + [N * rshape[s]] + rshape[s + 1:]
-        y = b(aten.reshape.default, y, full)
-        outs.append(_merge_strided(b, y, full, have))
-    return outs
+    return [_merge_from_ranks(b, part, *meta) for part, meta in zip(_split_packed(b, recv, sizes), metas)]
 
 
 def collective_kind(have, want) -> str:
@@ -200,7 +249,7 @@ def redistribute(b: Builder, x: Node, gshape, have, want, dtype) -> Node:
     if kind == "partial":                                            # rank 0 keeps it, the others add 0
         return b(aten.mul.Tensor, x, 1.0 if b.ctx.rank == 0 else 0.0)
     if kind == "all_gather":
-        return all_gather(b, x, gshape, have, dtype)
+        return all_gather(b, [(x, gshape, have)], dtype)[0]
     if kind == "all_reduce":
         return all_reduce(b, x, gshape, dtype)
     if kind == "reduce_scatter" and split_factor(want) == 1:

@@ -454,25 +454,31 @@ def attention_inputs(node):
 
 
 def _attention_rule(node, ctx, P):
+    """Attention over [B, H, S, D] tensors, split by heads or by query rows.
+
+    heads:  q, k, v, out  S(1)         every rank: all positions, H/N heads (TP, Ulysses, Megatron)
+    rows:   q, out S(2);  k, v  R      every rank: its query rows against all keys (vanilla SP);
+            mask rows S(2)             ``passes/rows_attention`` adds the causal offset per chunk
+    """
     strategy = ctx.strategy_for(node)
-    if strategy.attention != "heads":
-        raise ShardingError(node, f"attention mode {strategy.attention!r} is not implemented in this build",
-                            hint="use 'tp', 'ulysses', 'megatron_sp' or 'megatron_sp_tp'")
     q, k, v, mask = attention_inputs(node)
-    heads = Shard(1)                                                 # [B, H, S, D]
-    for x, what in ((q, "query heads"), (k, "key/value heads")):
-        ctx.check_divisible(node, shape_of(x)[1], what,
-                            "choose a world size that divides the KV head count, or 'vanilla_sp'")
-    wants = {x: heads for x in (q, k, v) if P(x) != heads}
-    if mask is not None:
-        mshape = shape_of(mask)
-        want_m = heads if len(mshape) == 4 and mshape[1] != 1 else Replicate()
-        if P(mask) != want_m:
-            wants[mask] = want_m
+    if strategy.attention == "heads":
+        split = Shard(1)
+        for x, what in ((q, "query heads"), (k, "key/value heads")):
+            ctx.check_divisible(node, shape_of(x)[1], what,
+                                "choose a world size that divides the KV head count, or 'vanilla_sp'")
+        wants = {x: split for x in (q, k, v) if P(x) != split}
+        mask_split = split if mask is not None and shape_of(mask)[1] != 1 else Replicate()
+    else:
+        split = Shard(2)
+        wants = {x: want for x, want in ((q, split), (k, Replicate()), (v, Replicate())) if P(x) != want}
+        mask_split = split if mask is not None and shape_of(mask)[2] != 1 else Replicate()
+    if mask is not None and P(mask) != mask_split:
+        wants[mask] = mask_split
     out = []
     for val in node.meta["val"]:
-        sharded = isinstance(val, torch.Tensor) and val.dim() >= 3 and val.shape[1] == shape_of(q)[1]
-        out.append(heads if sharded else Replicate())
+        sharded = isinstance(val, torch.Tensor) and val.dim() >= 3 and tuple(val.shape[:3]) == shape_of(q)[:3]
+        out.append(split if sharded else Replicate())
     return Decision(tuple(out), wants, group=node)
 
 

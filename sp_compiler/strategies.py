@@ -59,7 +59,7 @@ STRATEGIES = {
 }
 
 # What this build can compile; the rest are accepted names that raise a clear error.
-IMPLEMENTED = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
+IMPLEMENTED = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp", "vanilla_sp", "vanilla_sp_zigzag")
 
 
 @dataclass(frozen=True)
