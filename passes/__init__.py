@@ -1,6 +1,7 @@
 """The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
 
-    capture -> annotate -> propagate -> insert_collectives -> localize -> check_local_shapes
+    capture -> causal_mask -> annotate -> propagate -> insert_collectives -> localize
+            -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -15,16 +16,19 @@ from sp_compiler.errors import SeqparError
 
 from .annotate import annotate
 from .capture import capture
+from .causal_mask import causal_mask
 from .insert import insert_collectives
 from .localize import localize
 from .lower import check_local_shapes, lower
 from .propagate import propagate
+from .rows_attention import rows_attention
 
 __all__ = ["PIPELINE", "run_pipeline", "lower"]
 
 log = logging.getLogger("seqpar")
 
-PIPELINE = [capture, annotate, propagate, insert_collectives, localize, check_local_shapes]
+PIPELINE = [capture, causal_mask, annotate, propagate, insert_collectives, localize, rows_attention,
+            check_local_shapes]
 
 
 def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -> torch.fx.GraphModule:

@@ -53,6 +53,7 @@ class PassContext:
     local_inputs: Dict[int, torch.Tensor] = field(default_factory=dict)   # pre-sliced weights
     pending: Dict[tuple, Demand] = field(default_factory=dict)            # (user, src) -> Demand
     collectives: List[dict] = field(default_factory=list)                 # one row per inserted collective
+    attention_work: Optional[dict] = None                                 # rows attention: work per rank
 
     @property
     def strategy(self) -> Strategy:

@@ -1,0 +1,164 @@
+"""The ``seqpar`` command: plan a prefill, dump one rank's graph, calibrate this machine.
+
+    seqpar plan --model llama-3-8b --world-size 8 --seq-len 4096 [--batch 1] [--machine h100-nvlink]
+    seqpar dump --model llama-3-8b --strategy ulysses --world-size 8 --rank 0 --seq-len 4096 --out DIR
+    seqpar calibrate [--world-size 2] [--out PATH]
+
+``plan`` prints one row per strategy: the collectives of one (steady-state) layer, their bytes
+(NCCL-tests sizes in the machine's dtype), predicted communication and compute per layer, the
+non-layer parts and the whole prefill; ``*`` marks the fastest. A strategy that cannot run the
+model on that many ranks shows the engine's reason instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import List, Optional
+
+from tabulate import tabulate
+
+from .errors import SeqparError
+
+__all__ = ["main", "build_parser", "format_plan", "short_reason"]
+
+
+_WHERE = re.compile(r"(?:at )?node '[^']*'(?: \([^)]*\))? in module '[^']*':? ?")
+
+
+def short_reason(reason: str, width: int = 80) -> str:
+    """'not available: <the engine's reason without node names and fix>', cut to ``width`` characters."""
+    text = _WHERE.sub("", reason.split(". Fix:")[0]).strip()
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return f"not available: {text}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def format_plan(preds, *, verbose: bool = False) -> str:
+    """A tabulate table of Predictions, ``*`` on the fastest legal one; reasons in full when verbose."""
+    legal = [p for p in preds if p.ok]
+    best = min(legal, key=lambda p: p.total_s).strategy if legal else None
+    rows = []
+    for p in preds:
+        mark = "*" if p.strategy == best else ""
+        if not p.ok:
+            rows.append([p.strategy, short_reason(p.error), "", "", "", "", "", ""])
+            continue
+        rows.append([p.strategy, p.collectives, _mib(p.comm_bytes_per_layer), f"{p.comm_s_per_layer * 1e6:,.1f}",
+                     f"{p.compute_s_per_layer * 1e6:,.1f}", f"{(p.other_comm_s + p.other_compute_s) * 1e3:,.2f}",
+                     f"{p.total_s * 1e3:,.2f}", mark])
+    headers = ["strategy", "collectives / layer", "MiB / layer", "comm us / layer", "compute us / layer",
+               "non-layer ms", "prefill ms", "fastest"]
+    text = tabulate(rows, headers=headers, disable_numparse=True, colalign=("left", "left") + ("right",) * 6)
+    if verbose:
+        text += "\n" + "\n".join(f"\n{p.strategy}: {p.error}" for p in preds if not p.ok)
+    return text + "\n"
+
+
+def _cmd_plan(args) -> int:
+    from .cost_model import get_profile
+    from .plan import plan
+    from .presets import load_config
+
+    config = load_config(args.model)
+    machine = get_profile(args.machine)
+    t0 = time.perf_counter()
+    preds = plan(config, world=args.world_size, seq_len=args.seq_len, batch=args.batch, machine=machine,
+                 strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion)
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps([p.as_dict() for p in preds], indent=1))
+        return 0
+    print(f"{args.model}: {config.num_hidden_layers} layers, world {args.world_size}, batch {args.batch} x seq "
+          f"{args.seq_len}, {machine.name} ({machine.dtype}); per layer = one steady-state decoder layer, "
+          f"prefill = {config.num_hidden_layers} layers + non-layer parts (embedding, masks, lm_head, logits "
+          f"gather); planned in {elapsed:.1f} s\n")
+    print(format_plan(preds, verbose=args.verbose), end="")
+    return 0
+
+
+def _cmd_dump(args) -> int:
+    from .plan import dump
+    from .presets import load_config
+
+    paths = dump(load_config(args.model), args.strategy, args.world_size, args.rank, args.seq_len, args.out,
+                 batch=args.batch, layers=args.layers, machine=args.machine)
+    print("\n".join(paths))
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .cost_model import calibrate, calibration_path
+
+    path = args.out or calibration_path()
+    prof = calibrate(path, world=args.world_size)
+    rows = [["link_bw", f"{prof.link_bw / 1e9:.3f} GB/s"], ["link_latency", f"{prof.link_latency_s * 1e6:.1f} us"],
+            ["peak_flops", f"{prof.peak_flops / 1e9:.2f} GFLOP/s"], ["mem_bw", f"{prof.mem_bw / 1e9:.2f} GB/s"],
+            ["dtype", prof.dtype]]
+    print(f"{prof.name} written to {path}\n")
+    print(tabulate(rows, headers=["field", "value"], disable_numparse=True))
+    return 0
+
+
+def _strategy_list(text: str) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand."""
+    from .cost_model import profile_names
+    from .presets import preset_names
+    from .strategies import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="seqpar", description="Plan, inspect and calibrate seqpar prefill.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, *, machine_default="h100-nvlink"):
+        sp.add_argument("--model", required=True, help=f"a preset ({', '.join(preset_names())}) or a config.json")
+        sp.add_argument("--world-size", type=int, required=True, help="number of ranks")
+        sp.add_argument("--seq-len", type=int, required=True, help="prompt length in tokens")
+        sp.add_argument("--batch", type=int, default=1, help="prompts per forward (default 1)")
+        sp.add_argument("--machine", default=machine_default,
+                        help=f"machine profile: {', '.join(profile_names())} (default {machine_default})")
+        sp.add_argument("--layers", type=int, default=2, help="decoder layers to trace (default 2)")
+
+    sp = sub.add_parser("plan", help="predict every strategy's prefill time")
+    common(sp)
+    sp.add_argument("--strategies", type=_strategy_list, default=None,
+                    help=f"comma-separated subset of {', '.join(STRATEGIES)}")
+    sp.add_argument("--no-fusion", action="store_true", help="price every memory-bound op as its own kernel")
+    sp.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    sp.add_argument("--verbose", action="store_true", help="print the full reason of unavailable strategies")
+    sp.set_defaults(func=_cmd_plan)
+
+    sp = sub.add_parser("dump", help="write one rank's transformed graph, collectives and cost")
+    common(sp)
+    sp.add_argument("--strategy", required=True, choices=list(STRATEGIES))
+    sp.add_argument("--rank", type=int, default=0, help="which rank's graph (default 0)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.set_defaults(func=_cmd_dump)
+
+    sp = sub.add_parser("calibrate", help="measure this machine as the cpu-gloo profile")
+    sp.add_argument("--world-size", type=int, default=2, help="gloo processes (default 2)")
+    sp.add_argument("--out", default=None, help="where to save the profile (default ~/.cache/seqpar/cpu-gloo.json)")
+    sp.set_defaults(func=_cmd_calibrate)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``seqpar`` console script; returns the exit code (2 on a SeqparError)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SeqparError as e:
+        print(f"seqpar {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Planning without hardware: run the real seqpar pipeline on a weightless model, then price it.
+
+    transform(cfg, strategy="ulysses", world=8, seq_len=4096)   -> (local ATen graph, PassContext)
+    plan(cfg, world=8, seq_len=4096, machine="h100-nvlink")     -> [Prediction per strategy]
+    choose(cfg, 8, 4096, 1, "h100-nvlink")                      -> ("ulysses", {name: Prediction})
+    dump(cfg, "ulysses", 8, 0, 4096, "out/")                    -> graph + collectives files
+
+The model is built under a ``FakeTensorMode`` (parameters have shapes and dtypes, no storage;
+a 70B preset costs a few hundred MB of RSS), truncated to ``layers`` decoder layers, and
+compiled with ``backend="seqpar", lower="eager"`` as rank ``rank`` of a fake process group of
+``world`` ranks. One forward on fake ``input_ids`` triggers the compile; nothing is computed.
+(A ``meta``-device model would also carry no weights, but SDPA on ``meta`` decomposes into its
+math ops, so the graph would not be the one a CPU or GPU rank compiles.)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .cost_model import MachineProfile, Prediction, get_profile, predict
+from .errors import SeqparError
+from .strategies import STRATEGIES
+
+__all__ = ["PlanError", "FakeModel", "build_fake_model", "fake_process_group", "transform", "plan", "choose",
+           "dump", "error_reason", "seqpar_cause", "dynamo_graph"]
+
+
+class PlanError(SeqparError):
+    """The planner cannot build or compile the model as asked; the message says what to change."""
+
+
+@dataclass
+class FakeModel:
+    """A weightless causal LM: its modules hold FakeTensors of ``mode``."""
+    model: torch.nn.Module
+    mode: object
+    config: object
+    layers: int
+    dtype: torch.dtype
+    traces: dict = field(default_factory=dict)     # (batch, seq_len) -> (Dynamo graph, example inputs)
+
+
+def _truncated(config, layers: int):
+    """A copy of ``config`` with ``layers`` decoder layers (per-layer lists cut to match)."""
+    cfg = copy.deepcopy(config)
+    n = min(layers, config.num_hidden_layers)
+    cfg.num_hidden_layers = n
+    for key in ("layer_types", "sliding_window_pattern"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, list) and len(value) > n:
+            setattr(cfg, key, value[:n])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_fake_model(config, *, layers: int = 2, dtype: torch.dtype = torch.float32) -> FakeModel:
+    """``AutoModelForCausalLM.from_config`` under a FakeTensorMode: shapes only, no weight storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    if layers < 1:
+        raise PlanError(f"layers={layers}: the planner needs at least one decoder layer to price")
+    cfg = _truncated(config, layers)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    except Exception as e:  # noqa: BLE001 - rethrown typed
+        raise PlanError(f"cannot build {type(config).__name__} without weights: {type(e).__name__}: {e}") from e
+    return FakeModel(model, mode, config, cfg.num_hidden_layers, dtype)
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int, rank: int):
+    """Be rank ``rank`` of ``world`` for the duration: a fake process group, created and destroyed
+    here when none exists; an existing group is used as is when its world and rank match."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not 0 <= rank < world:
+        raise PlanError(f"rank {rank} is not in a world of {world} ranks (0..{world - 1})")
+    if dist.is_initialized():
+        have = (dist.get_world_size(), dist.get_rank())
+        if have != (world, rank):
+            raise PlanError(f"a process group of {have[0]} ranks (this is rank {have[1]}) is already initialised; "
+                            f"planning for world={world} rank={rank} needs a process without one, or "
+                            f"world={have[0]} rank={have[1]}")
+        yield
+        return
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_seq_len(config, seq_len: int, batch: int):
+    if seq_len < 1 or batch < 1:
+        raise PlanError(f"seq_len={seq_len} and batch={batch} must be positive")
+    learned = getattr(config, "model_type", "") == "gpt2"          # a position table, not RoPE
+    limit = getattr(config, "n_positions", None) if learned else None
+    if limit is not None and seq_len > limit:
+        raise PlanError(f"seq_len={seq_len} exceeds {type(config).__name__}'s {limit} learned positions; "
+                        f"use seq_len <= {limit}")
+
+
+def seqpar_cause(exc: BaseException) -> Optional[SeqparError]:
+    """The SeqparError inside ``exc`` (Dynamo wraps backend errors in BackendCompilerFailed), else None."""
+    seen = exc
+    while seen is not None and not isinstance(seen, SeqparError):
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__
+    return seen
+
+
+def error_reason(exc: BaseException) -> Optional[str]:
+    """The SeqparError inside ``exc`` as 'Type: message' on one line, else None."""
+    cause = seqpar_cause(exc)
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else None
+
+
+def dynamo_graph(fm: FakeModel, batch: int, seq_len: int):
+    """(Dynamo FX graph, example inputs) of one forward on ``[batch, seq_len]`` input_ids, traced once
+    per shape and kept on ``fm``: the graph does not depend on the strategy or the world size."""
+    key = (batch, seq_len)
+    if key not in fm.traces:
+        captured = {}
+
+        def record(gm, example_inputs):
+            # Dynamo drops placeholders' 'grapharg' (their parameter names) once the backend
+            # returns; keep them so every later backend call sees what a compiling backend sees.
+            keep = {n: n.meta["grapharg"] for n in gm.graph.nodes if "grapharg" in n.meta}
+            captured.update(gm=gm, inputs=list(example_inputs), meta=keep)
+            return gm.forward
+
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(fm.model, backend=record, fullgraph=True, dynamic=False)
+            with torch.no_grad(), fm.mode:
+                compiled(torch.zeros(batch, seq_len, dtype=torch.long), use_cache=False)
+        except Exception as e:  # noqa: BLE001 - rethrown typed
+            raise PlanError(f"Dynamo cannot trace {type(fm.config).__name__} as one graph: "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:500]}") from e
+        finally:
+            torch._dynamo.reset()
+        fm.traces[key] = (captured["gm"], captured["inputs"], captured["meta"])
+    gm, inputs, meta = fm.traces[key]
+    for node, grapharg in meta.items():
+        node.meta["grapharg"] = grapharg
+    return gm, inputs
+
+
+def _compile_seqpar(fm: FakeModel, strategy: str, batch: int, seq_len: int) -> None:
+    """The product path: torch.compile(backend="seqpar", lower="eager") and one forward."""
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fm.model, backend="seqpar", fullgraph=True, dynamic=False,
+                                 options={"strategy": strategy, "lower": "eager"})
+        with torch.no_grad(), fm.mode:
+            compiled(torch.zeros(batch, seq_len, dtype=torch.long), use_cache=False)
+    finally:
+        torch._dynamo.reset()
+
+
+def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 1, seq_len: int,
+              layers: int = 2, dtype: torch.dtype = torch.float32, model: Optional[FakeModel] = None,
+              compile: bool = False):
+    """(gm, ctx): the transformed local ATen graph of rank ``rank`` and its PassContext.
+
+    The model has ``layers`` decoder layers (scale per-layer numbers by ``config.num_hidden_layers``);
+    pass ``model`` (from :func:`build_fake_model`) to reuse one build across strategies.
+    By default Dynamo traces the model once per (batch, seq_len) and the seqpar backend is called
+    on that graph for each strategy (the graph Dynamo hands a backend does not depend on it);
+    ``compile=True`` runs ``torch.compile(backend="seqpar")`` end to end instead.
+    Raises the engine's SeqparError when the strategy cannot run this model on ``world`` ranks.
+    """
+    from . import backend
+
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    _check_seq_len(config, seq_len, batch)
+    fm = model or build_fake_model(config, layers=layers, dtype=dtype)
+    try:
+        with fake_process_group(world, rank):
+            if compile:
+                _compile_seqpar(fm, strategy, batch, seq_len)
+            else:
+                dgm, inputs = dynamo_graph(fm, batch, seq_len)
+                with torch.no_grad():
+                    backend.seqpar_backend(dgm, inputs, options={"strategy": strategy, "lower": "eager"})
+            gm, ctx = backend.last_graph()
+    except Exception as e:
+        cause = seqpar_cause(e)
+        if cause is None or cause is e:
+            raise
+        raise cause from e                                       # the engine's own typed error
+    if gm is None or ctx.options.strategy != strategy or ctx.world != world or ctx.seq_len != seq_len:
+        raise PlanError(f"the seqpar backend did not report a graph for strategy={strategy!r} world={world} "
+                        f"seq_len={seq_len} (sp_compiler.backend.last_graph() is stale)")
+    return gm, ctx
+
+
+def _strategies(names: Optional[Sequence[str]]) -> List[str]:
+    names = list(names) if names else list(STRATEGIES)
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise PlanError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    return names
+
+
+def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
+         strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True) -> List[Prediction]:
+    """One Prediction per strategy, in ``STRATEGIES`` order; illegal ones carry ``error`` (the engine's reason).
+
+    The model is built in the machine's dtype (bf16 for GPU profiles, fp32 for cpu-gloo), so the
+    collective bytes are that dtype's.
+    """
+    machine = get_profile(machine)
+    names = _strategies(strategies)
+    _check_seq_len(config, seq_len, batch)
+    fm = build_fake_model(config, layers=layers, dtype=machine.torch_dtype)
+    out = []
+    for name in names:
+        try:
+            gm, ctx = transform(config, strategy=name, world=world, batch=batch, seq_len=seq_len, model=fm)
+            out.append(predict(gm, ctx, machine, config.num_hidden_layers, fusion))
+        except SeqparError as e:
+            out.append(Prediction(name, machine.name, world, batch, seq_len, config.num_hidden_layers,
+                                  error=error_reason(e)))
+    return out
+
+
+def choose(config, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
+           strategies: Optional[Sequence[str]] = None, fusion: bool = True
+           ) -> Tuple[str, Dict[str, Prediction]]:
+    """(fastest legal strategy, {strategy: Prediction}); ties go to the earlier strategy in STRATEGIES."""
+    preds = {p.strategy: p for p in plan(config, world=world, seq_len=seq_len, batch=batch, machine=machine,
+                                         strategies=strategies, fusion=fusion)}
+    legal = [p for p in preds.values() if p.ok]
+    if not legal:
+        reasons = "; ".join(f"{p.strategy}: {p.error}" for p in preds.values())
+        raise PlanError(f"no strategy can run this model on {world} ranks at seq_len={seq_len}: {reasons}")
+    best = min(legal, key=lambda p: p.total_s)
+    return best.strategy, preds
+
+
+def dump(config, strategy: str, world: int, rank: int, seq_len: int, out_dir: str, batch: int = 1,
+         layers: int = 2, machine="h100-nvlink") -> List[str]:
+    """Write rank ``rank``'s transformed graph, its collectives and its predicted cost into ``out_dir``.
+
+    Files: graph.txt (format_graph), collectives.txt (collective_table + layer_summary),
+    collectives.json, cost.txt (the Prediction). Returns their paths.
+    """
+    import json
+
+    from .dump import collective_table, format_graph, layer_summary
+
+    machine = get_profile(machine)
+    gm, ctx = transform(config, strategy=strategy, world=world, rank=rank, batch=batch, seq_len=seq_len,
+                        layers=layers, dtype=machine.torch_dtype)
+    pred = predict(gm, ctx, machine, config.num_hidden_layers)
+    os.makedirs(out_dir, exist_ok=True)
+    header = (f"model={type(config).__name__} strategy={strategy} world={world} rank={rank} batch={batch} "
+              f"seq_len={seq_len} dtype={machine.dtype} decoder layers traced={min(layers, config.num_hidden_layers)}"
+              f" of {config.num_hidden_layers}\n\n")
+    files = {
+        "graph.txt": header + format_graph(gm),
+        "collectives.txt": header + collective_table(ctx.collectives) + "\nper layer:\n"
+        + layer_summary(ctx.collectives),
+        "collectives.json": json.dumps(ctx.collectives, indent=1, default=str),
+        "cost.txt": header + "\n".join(f"{k}: {v}" for k, v in pred.as_dict().items()) + "\n",
+    }
+    paths = []
+    for name, text in files.items():
+        path = os.path.join(out_dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        paths.append(path)
+    return paths

@@ -1,0 +1,182 @@
+"""Tier 1: the collectives each strategy inserts, on real HuggingFace graphs, in one process.
+
+A fake process group (no communication) gives the backend a real world size and rank, so
+the whole graph transformation runs; only the numbers it computes are garbage. What is
+checked is ``sp_compiler.backend.last_report()``: per decoder layer, exactly the
+collectives the strategy table in DESIGN.md promises, each with exactly the bytes that
+follow from the model's dimensions (computed here from the config, never read back from
+the engine), and outside the layers exactly one all_gather of the logits for the
+sequence-parallel strategies and nothing for tp.
+
+    B, S, N = batch, sequence, world;  E = hidden;  H, Hkv, D = heads, KV heads, head dim
+    tp               2 x all_reduce       B*S*E*4 bytes each
+    megatron_sp      2 x all_gather       B*S*E*4 each (gathered output)
+                     2 x reduce_scatter   B*S*E*4 each (full input)
+    megatron_sp_tp   1 x all_gather + 1 x reduce_scatter, B*S*E*4 each
+    ulysses          1 x all_to_all of q|k|v   B*(S/N)*(H + 2*Hkv)*D*4   (KV heads, not H)
+                     1 x all_to_all back       B*(S/N)*H*D*4
+    logits           1 x all_gather B*S*V*4 (sequence-parallel strategies only)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from models import FAMILIES, build_model, make_inputs
+from seqpar_testing import compile_logits, fake_process_group, layer_names, model_dims
+
+STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
+SEQ_PARALLEL = ("ulysses", "megatron_sp", "megatron_sp_tp")
+BATCH, SEQ, LAYERS, HIDDEN, VOCAB = 2, 16, 2, 128, 128
+FP32 = 4
+
+# world -> model shape; both divisible by the world for every strategy (TP splits heads).
+SHAPES = {
+    2: dict(heads=4, kv_heads=2, hidden=HIDDEN),     # head_dim 32
+    4: dict(heads=8, kv_heads=4, hidden=HIDDEN),     # head_dim 16
+}
+
+_cache: dict = {}
+
+
+def compile_report(family, strategy, world, rank=0, **shape):
+    """``last_report()`` after compiling (and running once) on a fake group; memoised."""
+    key = (family, strategy, world, rank, tuple(sorted(shape.items())))
+    if key not in _cache:
+        torch._dynamo.reset()
+        try:
+            with fake_process_group(world, rank):
+                from sp_compiler.backend import last_report
+
+                model = build_model(family, layers=LAYERS, vocab=VOCAB, **shape)
+                logits = compile_logits(model, make_inputs(family, BATCH, SEQ, vocab=VOCAB),
+                                        {"strategy": strategy, "lower": "eager"})
+                assert tuple(logits.shape) == (BATCH, SEQ, VOCAB)
+                _cache[key] = last_report()
+        finally:
+            torch._dynamo.reset()
+    return _cache[key]
+
+
+def expected_layer(strategy, family, world, heads, kv_heads, hidden):
+    """Sorted (kind, bytes) of one decoder layer, from the model dims alone."""
+    resid = BATCH * SEQ * hidden * FP32
+    if strategy == "tp":
+        return sorted([("all_reduce", resid)] * 2)
+    if strategy == "megatron_sp":
+        return sorted([("all_gather", resid)] * 2 + [("reduce_scatter", resid)] * 2)
+    if strategy == "megatron_sp_tp":
+        return sorted([("all_gather", resid), ("reduce_scatter", resid)])
+    if strategy == "ulysses":
+        d = model_dims(family, heads, kv_heads, hidden)
+        local_rows = BATCH * (SEQ // world)
+        qkv = local_rows * (d["H"] + 2 * d["Hkv"]) * d["head_dim"] * FP32
+        back = local_rows * d["H"] * d["head_dim"] * FP32
+        return sorted([("all_to_all", qkv), ("all_to_all", back)])
+    raise AssertionError(strategy)
+
+
+def by_layer(report):
+    out = {}
+    for row in report:
+        out.setdefault(row["layer"], []).append((row["kind"], row["bytes"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+CASES = [pytest.param(f, s, w, id=f"{f}-{s}-w{w}") for w in (2, 4) for s in STRATEGIES for f in FAMILIES]
+
+
+@pytest.mark.parametrize("family,strategy,world", CASES)
+def test_collectives_per_layer(family, strategy, world):
+    shape = SHAPES[world]
+    report = compile_report(family, strategy, world, **shape)
+    got = by_layer(report)
+    want = expected_layer(strategy, family, world, **shape)
+    for layer in layer_names(family, LAYERS):
+        assert got.get(layer) == want, (
+            f"{layer}: got {got.get(layer)}, want {want}\nfull report:\n" + "\n".join(map(str, report)))
+
+
+@pytest.mark.parametrize("family,strategy,world", CASES)
+def test_collectives_outside_layers(family, strategy, world):
+    shape = SHAPES[world]
+    report = compile_report(family, strategy, world, **shape)
+    layers = set(layer_names(family, LAYERS))
+    outside = [(r["layer"], r["kind"], r["bytes"]) for r in report if r["layer"] not in layers]
+    if strategy == "tp":
+        assert outside == [], f"tp keeps everything replicated, yet: {outside}"
+    else:
+        assert outside == [("lm_head", "all_gather", BATCH * SEQ * VOCAB * FP32)], outside
+    # and the totals: nothing hides under another layer name
+    kinds = Counter(r["kind"] for r in report)
+    per_layer = Counter(k for k, _ in expected_layer(strategy, family, world, **shape))
+    want = Counter({k: n * LAYERS for k, n in per_layer.items()})
+    if strategy in SEQ_PARALLEL:
+        want["all_gather"] += 1
+    assert kinds == want, report
+
+
+@pytest.mark.parametrize("family,strategy,world", CASES)
+def test_report_rows_are_consistent(family, strategy, world):
+    """Every row: fp32, bytes = prod(buffer shape) * 4; all_to_all buffers are [N, F]."""
+    report = compile_report(family, strategy, world, **SHAPES[world])
+    assert report, "no collectives reported"
+    for row in report:
+        assert set(row) >= {"layer", "kind", "dim", "shape", "dtype", "bytes", "what"}, row
+        assert row["dtype"] == "float32", row
+        assert row["bytes"] == math.prod(row["shape"]) * FP32, row
+        if row["kind"] == "all_to_all":
+            assert len(row["shape"]) == 2 and row["shape"][0] == world, row
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+def test_ulysses_moves_kv_heads_not_query_heads(family):
+    """GQA with H=8, Hkv=2 at N=2: the packed q|k|v exchange pays for Hkv KV heads
+    (before repeat_kv), not 3*H."""
+    H, Hkv, E, N = 8, 2, HIDDEN, 2
+    D = E // H
+    report = compile_report(family, "ulysses", N, heads=H, kv_heads=Hkv, hidden=E)
+    rows = BATCH * (SEQ // N)
+    gqa_bytes = rows * (H + 2 * Hkv) * D * FP32
+    mha_bytes = rows * 3 * H * D * FP32
+    assert gqa_bytes != mha_bytes
+    for layer in layer_names(family, LAYERS):
+        a2a = sorted(r["bytes"] for r in report if r["layer"] == layer and r["kind"] == "all_to_all")
+        assert a2a == sorted([gqa_bytes, rows * H * D * FP32]), (layer, a2a)
+        assert mha_bytes not in a2a
+
+
+def test_gpt2_ulysses_is_multi_head():
+    """GPT-2 has no KV grouping: its packed exchange is exactly 3*H heads."""
+    report = compile_report("gpt2", "ulysses", 2, **SHAPES[2])
+    H, D = SHAPES[2]["heads"], HIDDEN // SHAPES[2]["heads"]
+    qkv = BATCH * (SEQ // 2) * 3 * H * D * FP32
+    assert sorted(r["bytes"] for r in report if r["layer"] == "transformer.h.0")[-1] == qkv
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_every_rank_builds_the_same_collectives(family, strategy):
+    """Ranks that disagree on the sequence of collectives hang: rank 3 of 4 must build
+    exactly what rank 0 builds (same order, kinds, shapes, bytes)."""
+    keep = ("layer", "kind", "dim", "shape", "dtype", "bytes")
+    r0 = [{k: r[k] for k in keep} for r in compile_report(family, strategy, 4, rank=0, **SHAPES[4])]
+    r3 = [{k: r[k] for k in keep} for r in compile_report(family, strategy, 4, rank=3, **SHAPES[4])]
+    assert r0 == r3
+
+
+def test_report_is_of_the_last_compile_only(fake_pg):
+    """``last_report`` describes the last graph compiled, not an accumulation."""
+    from sp_compiler.backend import last_report
+
+    fake_pg(2)
+    ids = make_inputs("llama", BATCH, SEQ)
+    compile_logits(build_model("llama", **SHAPES[2]), ids, {"strategy": "tp", "lower": "eager"})
+    assert Counter(r["kind"] for r in last_report()) == {"all_reduce": 2 * LAYERS}
+    torch._dynamo.reset()
+    compile_logits(build_model("llama", **SHAPES[2]), ids, {"strategy": "megatron_sp_tp", "lower": "eager"})
+    assert Counter(r["kind"] for r in last_report()) == {"all_gather": LAYERS + 1, "reduce_scatter": LAYERS}

@@ -1,0 +1,321 @@
+"""The ``options`` dict, the backend's registration, the errors users see, and ``dump_dir``.
+
+Options are validated when Dynamo hands the first graph to the backend, so errors that
+come through ``torch.compile`` arrive wrapped in ``BackendCompilerFailed``; the tests
+look for the seqpar error inside (``seqpar_testing.seqpar_error``) and in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sp_compiler
+from sp_compiler.config import LOWERINGS, STRATEGY_NAMES, Options
+from sp_compiler.errors import OptionsError, SeqparError, ShapeConstraintError
+from sp_compiler.strategies import IMPLEMENTED
+
+from models import build_model, make_inputs
+from seqpar_testing import compile_logits, error_text, seqpar_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+#: The option names and values DESIGN.md fixes (scripts and tests rely on them).
+OPTION_KEYS = ("strategy", "layers", "dump_dir", "lower")
+ALL_STRATEGIES = ("tp", "vanilla_sp", "vanilla_sp_zigzag", "megatron_sp", "megatron_sp_tp", "ulysses", "auto")
+CORE_STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
+ALL_LOWERINGS = ("inductor", "aot_eager", "eager")
+#: Valid names this build does not implement yet (the brief listed vanilla_sp, vanilla_sp_zigzag
+#: and auto; the engine implements some of them as it grows, so the set is read from it).
+PLANNED = tuple(s for s in ALL_STRATEGIES if s not in IMPLEMENTED)
+
+
+def _tiny_fn(x):
+    return torch.sin(x) + 1
+
+
+def _compile_tiny(options):
+    """Compile and call a tiny function: options are checked before anything else."""
+    fn = torch.compile(_tiny_fn, backend="seqpar", options=options)
+    return fn(torch.randn(4))
+
+
+def _assert_lists_all(msg, names):
+    for name in names:
+        assert repr(name) in msg or name in msg, f"{name!r} not listed in: {msg}"
+
+
+# ----------------------------------------------------------------------------- valid names
+
+def test_design_names_are_the_valid_ones():
+    assert set(STRATEGY_NAMES) == set(ALL_STRATEGIES)
+    assert set(LOWERINGS) == set(ALL_LOWERINGS)
+    assert set(CORE_STRATEGIES) <= set(IMPLEMENTED)
+
+
+def test_defaults():
+    opts = Options.from_dict(None)
+    assert (opts.strategy, opts.lower, opts.dump_dir, dict(opts.layers)) == ("ulysses", "inductor", None, {})
+    assert Options.from_dict({}) == opts
+
+
+@pytest.mark.parametrize("strategy", sorted(IMPLEMENTED))
+@pytest.mark.parametrize("lower", ALL_LOWERINGS)
+def test_every_implemented_strategy_and_lowering_is_accepted(strategy, lower):
+    opts = Options.from_dict({"strategy": strategy, "lower": lower})
+    assert (opts.strategy, opts.lower) == (strategy, lower)
+
+
+# ----------------------------------------------------------------------------- OptionsError
+
+def test_unknown_option_key_lists_valid_keys():
+    with pytest.raises(OptionsError) as info:
+        Options.from_dict({"strategy": "tp", "stratgey": "tp"})
+    msg = str(info.value)
+    assert "stratgey" in msg
+    _assert_lists_all(msg, OPTION_KEYS)
+    assert isinstance(info.value, ValueError)
+
+
+def test_unknown_strategy_lists_valid_strategies():
+    with pytest.raises(OptionsError) as info:
+        Options.from_dict({"strategy": "ring"})
+    msg = str(info.value)
+    assert "ring" in msg
+    _assert_lists_all(msg, ALL_STRATEGIES)
+
+
+def test_unknown_lower_lists_valid_lowerings():
+    with pytest.raises(OptionsError) as info:
+        Options.from_dict({"strategy": "tp", "lower": "tensorrt"})
+    msg = str(info.value)
+    assert "tensorrt" in msg
+    _assert_lists_all(msg, ALL_LOWERINGS)
+
+
+def test_unknown_strategy_in_layers_is_an_options_error():
+    with pytest.raises(OptionsError) as info:
+        Options.from_dict({"strategy": "tp", "layers": {"model.layers.0-1": "ring"}})
+    assert "ring" in str(info.value)
+
+
+@pytest.mark.parametrize("options,bad,valid", [
+    ({"strategy": "ulysses", "bogus_key": 1}, "bogus_key", OPTION_KEYS),
+    ({"strategy": "ring"}, "ring", ALL_STRATEGIES),
+    ({"strategy": "ulysses", "lower": "tensorrt"}, "tensorrt", ALL_LOWERINGS),
+], ids=["key", "strategy", "lower"])
+def test_options_errors_through_torch_compile(options, bad, valid):
+    with pytest.raises(Exception) as info:
+        _compile_tiny(options)
+    inner = seqpar_error(info.value)
+    assert isinstance(inner, OptionsError), f"expected an OptionsError inside {info.value!r}"
+    assert isinstance(inner, ValueError)
+    msg = str(info.value)                       # Dynamo's wrapper carries the message too
+    assert "OptionsError" in msg and bad in msg
+    _assert_lists_all(msg, valid)
+
+
+# ----------------------------------------------------------------------------- planned, not implemented
+
+@pytest.mark.parametrize("strategy", PLANNED)
+def test_planned_strategy_is_a_clear_not_implemented_error(strategy):
+    with pytest.raises(SeqparError) as info:
+        Options.from_dict({"strategy": strategy})
+    assert not isinstance(info.value, OptionsError), "a valid name is not an unknown option value"
+    assert re.search(r"not implement", str(info.value), re.I), str(info.value)
+    assert strategy in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", PLANNED)
+def test_planned_strategy_through_torch_compile(strategy):
+    with pytest.raises(Exception) as info:
+        _compile_tiny({"strategy": strategy})
+    inner = seqpar_error(info.value)
+    assert isinstance(inner, SeqparError) and not isinstance(inner, OptionsError), repr(info.value)
+    assert re.search(r"not implement", str(inner), re.I)
+
+
+def test_auto_is_planned():
+    """``auto`` is a valid name; this build does not implement it (update when it does)."""
+    assert "auto" in PLANNED
+
+
+def test_layers_option_is_not_implemented_yet():
+    with pytest.raises(SeqparError) as info:
+        Options.from_dict({"strategy": "tp", "layers": {"model.layers.0-1": "megatron_sp_tp"}})
+    assert not isinstance(info.value, OptionsError)
+    assert re.search(r"not implement", str(info.value), re.I)
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _run_python(code: str, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = TESTS                       # models.py only; sp_compiler comes from the install
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=TESTS, env=env)
+
+
+def test_backend_name_resolves_through_the_entry_point():
+    """A fresh interpreter that never imports sp_compiler finds backend="seqpar", once."""
+    proc = _run_python("""
+        import sys, torch
+        assert "sp_compiler" not in sys.modules
+        fn = torch._dynamo.lookup_backend("seqpar")
+        assert "sp_compiler" in sys.modules
+        import sp_compiler.backend
+        assert fn is sp_compiler.backend.seqpar_backend, fn
+        names = torch._dynamo.list_backends(exclude_tags=())
+        assert names.count("seqpar") == 1, names
+        print("OK")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_compile_without_importing_the_package():
+    """World 1 (no process group): the compiled model equals the model, and the user never imported seqpar."""
+    proc = _run_python("""
+        import sys, torch
+        from models import build_model, make_inputs
+        model = build_model("llama")
+        ids = make_inputs("llama", 2, 16)
+        fast = torch.compile(model, backend="seqpar", options={"strategy": "ulysses", "lower": "eager"})
+        with torch.no_grad():
+            got = fast(ids, use_cache=False).logits
+            want = model(ids, use_cache=False).logits
+        torch.testing.assert_close(got, want)
+        from sp_compiler.backend import last_report
+        assert last_report() == [], last_report()      # one rank: nothing to communicate
+        print("OK")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- shape errors
+
+def _compile_error(family, strategy, seq=16, **model_kw):
+    model = build_model(family, **model_kw)
+    with pytest.raises(Exception) as info:
+        compile_logits(model, make_inputs(family, 2, seq), {"strategy": strategy, "lower": "eager"})
+    return info.value
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: with tp, Hkv=2 KV heads at world 4 fails in the view rule with a generic "
+    "ShardingError ('cannot keep sharding S(2) of shape (2, 16, 32) ...') that names neither "
+    "the head count nor the world size; the attention rule's check_divisible('key/value heads') "
+    "is never reached because annotate only checks k_proj's 32 output features"))
+def test_tp_kv_heads_not_divisible_by_world(fake_pg):
+    fake_pg(4)
+    exc = _compile_error("llama", "tp", heads=4, kv_heads=2)
+    inner = seqpar_error(exc)
+    assert isinstance(inner, ShapeConstraintError), repr(exc)
+    msg = str(inner)
+    assert "world size" in msg and re.search(r"\b4\b", msg), msg
+    assert re.search(r"\(2\)", msg) and "head" in msg, msg
+
+
+@pytest.mark.parametrize("family,model_kw", [
+    ("gpt2", dict(heads=2, hidden=64)),
+    ("llama", dict(heads=6, kv_heads=2, hidden=96)),
+], ids=["gpt2-H2", "llama-H6"])
+@pytest.mark.parametrize("strategy", ["ulysses", "tp"])
+def test_heads_not_divisible_by_world(fake_pg, family, model_kw, strategy):
+    """H % N != 0 at world 4: a seqpar error that names a size and the world size."""
+    fake_pg(4)
+    exc = _compile_error(family, strategy, **model_kw)
+    inner = seqpar_error(exc)
+    assert isinstance(inner, SeqparError), repr(exc)
+    msg = str(inner)
+    assert "world size" in msg or "ranks" in msg, msg
+    assert re.search(r"\b4\b", msg), msg
+    assert re.search(rf"\b({model_kw['heads']}|{model_kw['hidden']}|\d+)\b", msg.replace("4", "")), msg
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", ["ulysses", "megatron_sp", "megatron_sp_tp"])
+def test_sequence_not_divisible_by_world(fake_pg, family, strategy):
+    fake_pg(2)
+    exc = _compile_error(family, strategy, seq=15)
+    inner = seqpar_error(exc)
+    assert isinstance(inner, ShapeConstraintError), repr(exc)
+    msg = str(inner)
+    assert "sequence length" in msg and "15" in msg and re.search(r"\b2\b", msg), msg
+    assert "ShapeConstraintError" in str(exc) and "sequence length" in str(exc)
+
+
+def test_tp_does_not_need_a_divisible_sequence(fake_pg):
+    """tp keeps the sequence whole: seq 15 at world 2 compiles (all_reduce only)."""
+    from sp_compiler.backend import last_report
+
+    fake_pg(2)
+    logits = compile_logits(build_model("llama"), make_inputs("llama", 2, 15), {"strategy": "tp", "lower": "eager"})
+    assert logits.shape == (2, 15, 128)
+    assert {r["kind"] for r in last_report()} == {"all_reduce"}
+
+
+# ----------------------------------------------------------------------------- dump_dir
+
+def _graph_dirs(root, rank):
+    base = os.path.join(root, f"rank{rank}")
+    assert os.path.isdir(base), f"no {base}; dump_dir holds {os.listdir(root)}"
+    dirs = sorted(d for d in os.listdir(base) if re.fullmatch(r"graph\d+", d))
+    assert dirs, f"no graph{{K}} directory in {base}: {os.listdir(base)}"
+    return [os.path.join(base, d) for d in dirs]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_dump_dir_ulysses(fake_pg, tmp_path, rank):
+    from sp_compiler.backend import last_report
+
+    fake_pg(2, rank)
+    dump = tmp_path / "dump"
+    compile_logits(build_model("llama"), make_inputs("llama", 2, 16),
+                   {"strategy": "ulysses", "lower": "eager", "dump_dir": str(dump)})
+    dirs = _graph_dirs(str(dump), rank)
+    assert len(dirs) == 1, dirs                                 # one graph: the whole forward
+    assert not os.path.exists(dump / f"rank{1 - rank}")         # a rank writes only its own files
+    g = dirs[0]
+    for name in ("before.txt", "after.txt", "collectives.txt", "collectives.json"):
+        path = os.path.join(g, name)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, path
+
+    after = open(os.path.join(g, "after.txt")).read()
+    before = open(os.path.join(g, "before.txt")).read()
+    assert "all_to_all" in after
+    assert "all_to_all" not in before                           # before: as captured, no collectives
+    assert "S(1)" in before                                     # with placements
+
+    table = open(os.path.join(g, "collectives.txt")).read()
+    lines = table.splitlines()
+    header = next(i for i, line in enumerate(lines) if re.search(r"\blayer\b.*\bkind\b.*\bbytes\b", line))
+    assert re.fullmatch(r"[-\s]+", lines[header + 1]), "header is followed by a rule line"
+    rows = [line for line in lines[header + 2:] if line.strip() and "all_to_all" in line]
+    assert len(rows) == 4, table                                 # 2 per layer x 2 layers
+    assert "model.layers.0" in table and "model.layers.1" in table
+
+    rows_json = json.load(open(os.path.join(g, "collectives.json")))
+    report = last_report()
+    assert [(r["layer"], r["kind"], r["bytes"]) for r in rows_json] == \
+           [(r["layer"], r["kind"], r["bytes"]) for r in report]
+
+
+def test_no_dump_without_dump_dir(fake_pg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_pg(2)
+    compile_logits(build_model("llama"), make_inputs("llama", 2, 16), {"strategy": "ulysses", "lower": "eager"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_package_exports_errors():
+    for name in ("SeqparError", "OptionsError", "ShapeConstraintError", "ShardingError", "UnsupportedOpError"):
+        assert issubclass(getattr(sp_compiler, name), SeqparError)
+    assert issubclass(OptionsError, ValueError)
