@@ -36,6 +36,7 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     aten_gm = run_pipeline(gm, ctx, on_pass=dumper.on_pass)
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
+    dumper.attention_work(ctx.attention_work)
     _last_report[:] = ctx.collectives
     _last.update(gm=aten_gm, ctx=ctx)
     log.info("seqpar: %s on %d ranks, collectives per layer:\n%s", opts.strategy, world, layer_summary(ctx.collectives))

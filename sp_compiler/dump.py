@@ -4,6 +4,7 @@
     dump_dir/rank{R}/graph{K}/after.txt         transformed local graph, local shapes
     dump_dir/rank{R}/graph{K}/collectives.txt   one row per collective + a per-layer summary
     dump_dir/rank{R}/graph{K}/collectives.json
+    dump_dir/rank{R}/graph{K}/attention_work.txt    vanilla SP: causal score entries per rank
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .context import PLACEMENT
 from .errors import module_path
 from .placements import fmt
 
-__all__ = ["format_graph", "collective_table", "layer_summary", "GraphDumper"]
+__all__ = ["format_graph", "collective_table", "layer_summary", "attention_work_table", "GraphDumper"]
 
 _counter = itertools.count()
 
@@ -82,6 +83,17 @@ def layer_summary(rows) -> str:
     return tabulate(table, headers=["layer", "collectives", "bytes"], intfmt=",") + "\n"
 
 
+def attention_work_table(work) -> str:
+    """Per rank: unmasked causal score entries (per batch row and head), and the ratio to the mean."""
+    per_rank = work.get("per_rank")
+    if not per_rank:
+        return f"attention: {work['kind']}: every rank computes its rows against all keys\n"
+    mean = sum(per_rank) / len(per_rank)
+    table = [[r, w, f"{w / mean:.3f}"] for r, w in enumerate(per_rank)]
+    return (f"attention: {work['kind']}\n" + tabulate(table, headers=["rank", "score entries", "/ mean"], intfmt=",")
+            + f"\nmax / mean = {max(per_rank) / mean:.3f}\n")
+
+
 class GraphDumper:
     """Writes one compiled graph's files; ``None`` dump_dir makes every call a no-op."""
 
@@ -101,6 +113,10 @@ class GraphDumper:
             self.write("before.txt", format_graph(gm))
         elif pass_name == "check_local_shapes":
             self.write("after.txt", format_graph(gm))
+
+    def attention_work(self, work):
+        if work is not None:
+            self.write("attention_work.txt", attention_work_table(work))
 
     def collectives(self, rows, header=""):
         self.write("collectives.txt", header + collective_table(rows) + "\nper layer:\n" + layer_summary(rows))
