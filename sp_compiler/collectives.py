@@ -26,7 +26,8 @@ import torch
 from torch.fx import Graph, Node
 
 from .context import INSERTED, PLACEMENT
-from .placements import fmt, is_partial, is_replicate, is_shard, local_shape, split_factor
+from .narrow import narrow
+from .placements import Shard, fmt, is_partial, is_replicate, is_shard, local_shape, split_factor
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -99,9 +100,17 @@ def _zigzag_chunks(N: int, r: int):
 
 
 def local_slice(b: Builder, x, gshape, want):
-    """R -> S(d[, sf]): keep this rank's rows, no communication."""
+    """R -> S(d[, sf]): keep this rank's rows, no communication. A computed tensor is
+    narrowed where it is made (``sp_compiler.narrow``), so no rank builds all of it."""
+    if split_factor(want) == 1 and isinstance(x, Node) and x.op == "call_function":
+        return narrow(b, x, want.dim, _slice_rows)
+    return _slice_rows(b, x, want.dim, want, gshape)
+
+
+def _slice_rows(b: Builder, x, dim, want=None, gshape=None):
     N, r = b.ctx.world, b.ctx.rank
-    x, shape, d = _expand_strided(b, x, gshape, want)
+    want = want or Shard(dim)
+    x, shape, d = _expand_strided(b, x, gshape or x.meta["val"].shape, want)
     if _zigzag(b):
         C = shape[d] // (2 * N)
         y = b(aten.cat.default, [b(aten.slice.Tensor, x, d, c * C, (c + 1) * C) for c in _zigzag_chunks(N, r)], d)

@@ -399,6 +399,7 @@ class Prediction:
     batch: int
     seq_len: int
     num_layers: int
+    rank: int = 0                          # the rank whose graph was priced (the slowest one in plan())
     collectives: str = ""                  # per (steady-state) layer: "2 all_to_all"
     comm_bytes_per_layer: float = 0.0      # NCCL-tests sizes, machine dtype
     comm_s_per_layer: float = 0.0
@@ -435,7 +436,7 @@ def predict(gm: torch.fx.GraphModule, ctx, machine, num_layers: int, fusion: boo
     extra = max(num_layers - len(layers), 0)
     total = sum(costs[name].total_s for name in layers) + extra * steady.total_s + other_comm + other_compute
     return Prediction(strategy=ctx.options.strategy, machine=machine.name, world=ctx.world, batch=ctx.batch,
-                      seq_len=ctx.seq_len, num_layers=num_layers, collectives=steady.describe(),
+                      seq_len=ctx.seq_len, num_layers=num_layers, rank=ctx.rank, collectives=steady.describe(),
                       comm_bytes_per_layer=steady.comm_bytes, comm_s_per_layer=steady.comm_s,
                       compute_s_per_layer=steady.compute_s, other_comm_s=other_comm,
                       other_compute_s=other_compute, total_s=total)
@@ -508,15 +509,17 @@ def _compute_rates(threads: int = 1) -> dict:
 _CAL_SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)        # bytes per rank buffer
 
 
-def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str, sizes=_CAL_SIZES) -> None:
     """One calibration rank: time gloo collectives; rank 0 also times compute and writes the JSON."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         samples = []
-        for nbytes in _CAL_SIZES:
+        for nbytes in sizes:
             numel = nbytes // 4
             full = torch.randn(numel)
             part = torch.empty(numel // world)
@@ -546,8 +549,13 @@ def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str) -> Non
         dist.destroy_process_group()
 
 
-def calibrate(path: Optional[str] = None, world: int = 2) -> MachineProfile:
-    """Measure this machine as the ``cpu-gloo`` profile (``world`` gloo processes) and save it to ``path``."""
+def calibrate(path: Optional[str] = None, world: int = 2, sizes=_CAL_SIZES) -> MachineProfile:
+    """Measure this machine as the ``cpu-gloo`` profile (``world`` gloo processes) and save it to ``path``.
+
+    Times all_reduce, all_gather and all_to_all of ``sizes`` bytes per rank (median of 7, barrier
+    cost removed), fits latency + bytes * factor / bw, and times a 1024^3 fp32 matmul and a 32 MiB
+    add on one thread (the validation runs use one thread per rank).
+    """
     import tempfile
 
     import torch.multiprocessing as mp
@@ -557,7 +565,8 @@ def calibrate(path: Optional[str] = None, world: int = 2) -> MachineProfile:
     with tempfile.TemporaryDirectory(prefix="seqpar-cal-") as tmp:
         out = os.path.join(tmp, "profile.json")
         try:
-            mp.spawn(_calibrate_rank, args=(world, os.path.join(tmp, "init"), out), nprocs=world, join=True)
+            mp.spawn(_calibrate_rank, args=(world, os.path.join(tmp, "init"), out, tuple(sizes)), nprocs=world,
+                     join=True)
         except Exception as e:  # noqa: BLE001 - rethrown typed, with the cause
             raise ProfileError(f"calibration over {world} gloo processes failed: {e}. Fix: check that "
                                f"127.0.0.1 works for gloo (GLOO_SOCKET_IFNAME=lo)") from e

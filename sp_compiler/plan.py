@@ -28,7 +28,8 @@ from .errors import SeqparError
 from .strategies import STRATEGIES
 
 __all__ = ["PlanError", "FakeModel", "build_fake_model", "fake_process_group", "transform", "plan", "choose",
-           "dump", "error_reason", "seqpar_cause", "dynamo_graph"]
+           "dump", "error_reason", "seqpar_cause", "dynamo_graph",
+           "ranks_to_price", "find_crossover"]
 
 
 class PlanError(SeqparError):
@@ -212,9 +213,18 @@ def _strategies(names: Optional[Sequence[str]]) -> List[str]:
     return names
 
 
+def ranks_to_price(strategy: str, world: int) -> tuple:
+    """Ranks whose graphs can differ in cost: rows attention (vanilla_sp) gives the last contiguous
+    chunk the most keys, so price rank 0 and rank N-1; every other strategy is symmetric."""
+    if world > 1 and STRATEGIES[strategy].attention == "rows":
+        return (0, world - 1)
+    return (0,)
+
+
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
          strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True) -> List[Prediction]:
-    """One Prediction per strategy, in ``STRATEGIES`` order; illegal ones carry ``error`` (the engine's reason).
+    """One Prediction per strategy (its slowest rank), in ``STRATEGIES`` order; illegal ones carry
+    ``error`` (the engine's reason).
 
     The model is built in the machine's dtype (bf16 for GPU profiles, fp32 for cpu-gloo), so the
     collective bytes are that dtype's.
@@ -226,8 +236,12 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     out = []
     for name in names:
         try:
-            gm, ctx = transform(config, strategy=name, world=world, batch=batch, seq_len=seq_len, model=fm)
-            out.append(predict(gm, ctx, machine, config.num_hidden_layers, fusion))
+            preds = []
+            for rank in ranks_to_price(name, world):
+                gm, ctx = transform(config, strategy=name, world=world, rank=rank, batch=batch, seq_len=seq_len,
+                                    model=fm)
+                preds.append(predict(gm, ctx, machine, config.num_hidden_layers, fusion))
+            out.append(max(preds, key=lambda p: p.total_s))
         except SeqparError as e:
             out.append(Prediction(name, machine.name, world, batch, seq_len, config.num_hidden_layers,
                                   error=error_reason(e)))
@@ -246,6 +260,23 @@ def choose(config, world: int, seq_len: int, batch: int = 1, machine="h100-nvlin
         raise PlanError(f"no strategy can run this model on {world} ranks at seq_len={seq_len}: {reasons}")
     best = min(legal, key=lambda p: p.total_s)
     return best.strategy, preds
+
+
+def find_crossover(config, world: int, machine="h100-nvlink", *, lo: int = 256, hi: int = 16384,
+                   step: int = 64, batch: int = 1) -> Tuple[int, str, str]:
+    """Smallest multiple of ``step`` in (lo, hi] where choose() stops picking the strategy it picks at
+    ``lo``, by bisection (assumes one switch in between). Returns (seq_len, choice at lo, choice there)."""
+    if lo % step or hi % step:
+        raise PlanError(f"lo={lo} and hi={hi} must be multiples of step={step}")
+    first, _ = choose(config, world, lo, batch, machine)
+    last, _ = choose(config, world, hi, batch, machine)
+    if last == first:
+        raise PlanError(f"choose() picks {first!r} at both seq_len={lo} and {hi}; no crossover in between")
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        pick, _ = choose(config, world, mid, batch, machine)
+        lo, hi, last = (mid, hi, last) if pick == first else (lo, mid, pick)
+    return hi, first, last
 
 
 def dump(config, strategy: str, world: int, rank: int, seq_len: int, out_dir: str, batch: int = 1,

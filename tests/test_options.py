@@ -326,8 +326,14 @@ def test_dump_dir_ulysses(fake_pg, tmp_path, rank):
     lines = table.splitlines()
     header = next(i for i, line in enumerate(lines) if re.search(r"\blayer\b.*\bkind\b.*\bbytes\b", line))
     assert re.fullmatch(r"[-\s]+", lines[header + 1]), "header is followed by a rule line"
-    rows = [line for line in lines[header + 2:] if line.strip() and "all_to_all" in line]
-    assert len(rows) == 4, table                                 # 2 per layer x 2 layers
+    body = []
+    for line in lines[header + 2:]:
+        if not line.strip():
+            break
+        body.append(line)
+    assert len(body) == len(last_report()) == 5, table         # 2 all_to_all x 2 layers + the logits
+    assert sum("all_to_all" in line for line in body) == 4, table
+    assert sum("all_gather" in line for line in body) == 1, table
     assert "model.layers.0" in table and "model.layers.1" in table
 
     rows_json = json.load(open(os.path.join(g, "collectives.json")))
