@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from sp_compiler.context import PLACEMENT
-from sp_compiler.errors import SeqparError, ShapeConstraintError
+from sp_compiler.errors import SeqparError, ShapeConstraintError, module_path
 from sp_compiler.placements import Replicate, is_shard, make_shard, split_factor
-from sp_compiler.strategies import tp_role
+from sp_compiler.strategies import layer_path, tp_role
 
 aten = torch.ops.aten
 
@@ -30,6 +30,8 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
         if is_shard(node.meta[PLACEMENT]):
             ctx.local_inputs[i] = shard_tensor(ctx.example_inputs[i], node.meta[PLACEMENT], ctx.world, ctx.rank)
+    ctx.options.plan.check(layer_path(module_path(n)) for n in gm.graph.nodes
+                           if n.op == "call_function" and layer_path(module_path(n)))
     tokens = _token_input(gm)
     if tokens is None:
         raise SeqparError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
@@ -43,7 +45,7 @@ def _placement(node, fqn, ctx):
         return Replicate()
     module, _, kind = fqn.rpartition(".")
     role = tp_role(module)
-    if role is None or ctx.strategy.weights(role.block) != "tp" or kind not in ("weight", "bias"):
+    if role is None or ctx.strategy_at(layer_path(module)).weights(role.block) != "tp" or kind not in ("weight", "bias"):
         return Replicate()
     shape = tuple(node.meta["val"].shape)
     linear = any(u.target == aten.t.default for u in node.users)      # nn.Linear stores [out, in]

@@ -15,6 +15,8 @@ import torch
 from torch.fx import Node
 
 from sp_compiler.context import PLACEMENT, Demand
+from sp_compiler.errors import module_path
+from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial
 from sp_compiler.rules import TRANSPARENT, map_through, rule_for, shape_of
 
@@ -34,15 +36,35 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
-            decision = rule_for(node)(node, ctx, placement_of)
+            entry = _layer_entry(node, ctx)
+            P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
+            decision = rule_for(node)(node, ctx, P)
             node.meta[PLACEMENT] = decision.out
-            for src, want in decision.wants.items():
+            for src, want in {**entry, **decision.wants}.items():
                 _want(ctx, node, src, want, decision.group)
         elif node.op == "output":
             for out in node.all_input_nodes:                         # every rank returns the full result
                 if shape_of(out) is not None:
                     _want(ctx, node, out, Replicate(), None)
     return gm
+
+
+def _layer_entry(node, ctx) -> dict:
+    """With per-layer strategies: the residual stream [B, S, H] entering a layer from outside it
+    is placed as that layer's strategy says (a slice, a gather, or nothing when they agree)."""
+    if not ctx.options.layers:
+        return {}
+    layer = layer_path(module_path(node))
+    if layer is None:
+        return {}
+    want = ctx.strategy_at(layer).residual
+    entry = {}
+    for x in node.all_input_nodes:
+        s = shape_of(x)
+        if s is not None and len(s) == 3 and s[:2] == (ctx.batch, ctx.seq_len) and x.op == "call_function" \
+                and layer_path(module_path(x)) != layer and placement_of(x) != want:
+            entry[x] = want
+    return entry
 
 
 def _want(ctx, user: Node, src: Node, want, group):

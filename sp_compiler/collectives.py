@@ -91,7 +91,7 @@ def _merge_strided(b, x, shape, p):
 
 
 def _zigzag(b) -> bool:
-    return b.ctx.strategy.zigzag
+    return b.ctx.zigzag
 
 
 def _zigzag_chunks(N: int, r: int):

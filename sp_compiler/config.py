@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 from .errors import OptionsError, SeqparError
-from .strategies import IMPLEMENTED, STRATEGIES
+from .strategies import IMPLEMENTED, STRATEGIES, LayerPlan
 
 __all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS"]
 
@@ -33,9 +33,19 @@ class Options:
             opts._check_strategy(name, f"layers[{pattern!r}]")
         if opts.lower not in LOWERINGS:
             raise OptionsError(f"lower={opts.lower!r} is not valid; choose one of {list(LOWERINGS)}")
-        if opts.layers:
-            raise SeqparError("per-layer strategies ('layers') are not implemented in this build yet")
+        if not isinstance(opts.layers, Mapping):
+            raise OptionsError(f"layers must be a dict of module-path pattern -> strategy, got {opts.layers!r}")
+        if "auto" in dict(opts.layers).values():
+            raise OptionsError("'auto' applies to the whole model: use strategy='auto', not in layers")
+        names = {opts.strategy, *dict(opts.layers).values()}
+        if "vanilla_sp_zigzag" in names and names & {"ulysses", "megatron_sp", "megatron_sp_tp", "vanilla_sp"}:
+            raise OptionsError("vanilla_sp_zigzag permutes the sequence for the whole model; it mixes only with "
+                               "'tp', not with other sequence-sharded strategies")
         return opts
+
+    @property
+    def plan(self) -> LayerPlan:
+        return LayerPlan(self.strategy, tuple(dict(self.layers).items()))
 
     @staticmethod
     def _check_strategy(name, where):

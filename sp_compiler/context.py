@@ -11,7 +11,7 @@ import torch
 from .config import Options
 from .errors import ShapeConstraintError, module_path
 from .placements import Replicate, make_shard
-from .strategies import STRATEGIES, Strategy
+from .strategies import STRATEGIES, Strategy, layer_path
 
 __all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "layer_of"]
 
@@ -20,16 +20,12 @@ log = logging.getLogger("seqpar")
 PLACEMENT = "seqpar_placement"     # node.meta key: the node's placement
 INSERTED = "seqpar_inserted"       # node.meta key: node added by the insert pass (already local)
 
-_LAYER = re.compile(r"^(.*?\b(?:layers|h|blocks|layer)\.\d+)(?:\.|$)")
-
-
 def layer_of(node) -> str:
     """'model.layers.3' for a node inside a decoder layer, else its top-level module (or 'output')."""
     if node.op == "output":
         return "output"
     path = module_path(node)
-    m = _LAYER.match(path)
-    return m.group(1) if m else path
+    return layer_path(path) or path
 
 
 @dataclass
@@ -57,10 +53,20 @@ class PassContext:
 
     @property
     def strategy(self) -> Strategy:
+        """The default strategy (outside the layer stack, and for the global sequence layout)."""
         return STRATEGIES[self.options.strategy]
 
     def strategy_for(self, node) -> Strategy:
-        return self.strategy
+        """The strategy of the decoder layer ``node`` belongs to."""
+        return self.strategy_at(layer_path(module_path(node)))
+
+    @property
+    def zigzag(self) -> bool:
+        """The sequence layout is global: zig-zag if any layer runs vanilla_sp_zigzag."""
+        return any(STRATEGIES[n].zigzag for n in (self.options.strategy, *dict(self.options.layers).values()))
+
+    def strategy_at(self, layer: Optional[str]) -> Strategy:
+        return STRATEGIES[self.options.plan.strategy_name(layer)]
 
     def rows_placement(self, node):
         """Placement of a [B*S, K] (or [B, S, K]) activation sharded on the sequence like the residual."""

@@ -528,15 +528,18 @@ def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str, sizes=
                 "all_gather": lambda: dist.all_gather_single(full, part),
                 "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full),
             }
+            reps = 20 if nbytes <= (1 << 20) else 4
             for kind, call in calls.items():
-                def timed(call=call):
+                def loop(call=call):                  # back to back: blocking calls pace each other
                     dist.barrier()
-                    call()
-                t = _median_time(timed, 7) - _median_time(dist.barrier, 7)
-                samples.append((nbytes * RING_FACTORS[kind](world), max(t, 0.0)))
+                    for _ in range(reps):
+                        call()
+                t = (_median_time(loop, 5) - _median_time(dist.barrier, 5)) / reps
+                samples.append({"kind": kind, "bytes": nbytes, "seconds": max(t, 0.0)})
         dist.barrier()
         if rank == 0:
-            latency, bw = fit_latency_bw(samples)
+            latency, bw = fit_latency_bw([(r["bytes"] * RING_FACTORS[r["kind"]](world), r["seconds"])
+                                          for r in samples])
             rates = _compute_rates(1)
             prof = MachineProfile(CPU_PROFILE, link_bw=bw, link_latency_s=latency, peak_flops=rates["peak_flops"],
                                   mem_bw=rates["mem_bw"], dtype="float32",

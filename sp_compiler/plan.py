@@ -6,9 +6,12 @@
     dump(cfg, "ulysses", 8, 0, 4096, "out/")                    -> graph + collectives files
 
 The model is built under a ``FakeTensorMode`` (parameters have shapes and dtypes, no storage;
-a 70B preset costs a few hundred MB of RSS), truncated to ``layers`` decoder layers, and
-compiled with ``backend="seqpar", lower="eager"`` as rank ``rank`` of a fake process group of
-``world`` ranks. One forward on fake ``input_ids`` triggers the compile; nothing is computed.
+a 70B preset costs a few hundred MB of RSS), truncated to ``layers`` decoder layers, and run
+through the seqpar backend (``lower="eager"``) as rank ``rank`` of a fake process group of
+``world`` ranks, on fake ``input_ids``: nothing is computed. Dynamo traces the model once per
+(batch, seq_len); each strategy then calls the backend on that graph, exactly what
+``torch.compile(model, backend="seqpar")`` would hand it (``transform(..., compile=True)`` takes
+the full torch.compile path; a test checks both give the same graph).
 (A ``meta``-device model would also carry no weights, but SDPA on ``meta`` decomposes into its
 math ops, so the graph would not be the one a CPU or GPU rank compiles.)
 """
@@ -23,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .cost_model import MachineProfile, Prediction, get_profile, predict
+from .cost_model import Prediction, get_profile, predict
 from .errors import SeqparError
 from .strategies import STRATEGIES
 

@@ -19,12 +19,14 @@ as named by ``TP_PLAN``.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Optional
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "IMPLEMENTED", "TPRole", "TP_PLAN", "tp_role"]
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "IMPLEMENTED", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
+           "LAYER_RE", "layer_path"]
 
 SEQ_DIM = 1  # the sequence dim of the residual stream [B, S, H]
 
@@ -98,3 +100,55 @@ def tp_role(module_fqn: str) -> Optional[TPRole]:
         if fnmatch.fnmatchcase(module_fqn, pattern):
             return role
     return None
+
+
+# 'model.layers.3' from 'model.layers.3.self_attn.q_proj' (also GPT-2's 'transformer.h.3').
+LAYER_RE = re.compile(r"^(.*?\b(?:layers|h|blocks|layer)\.\d+)(?:\.|$)")
+_RANGE = re.compile(r"^(.*?)(\d+)-(\d+)$")
+
+
+def layer_path(module_path: str) -> Optional[str]:
+    """The decoder layer a module belongs to, or None outside the layer stack."""
+    m = LAYER_RE.match(module_path)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which strategy each decoder layer uses: ``default`` unless a ``layers`` pattern matches.
+
+    Patterns: exact paths ('model.layers.30'), numeric ranges ('model.layers.0-7', inclusive)
+    and globs ('model.layers.*'). The most specific match wins: exact, then the narrowest
+    range, then the longest glob.
+    """
+    default: str
+    overrides: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+
+    @staticmethod
+    def _specificity(pattern: str, path: str):
+        if pattern == path:
+            return (3, 0)
+        m = _RANGE.match(pattern)
+        if m and path.startswith(m.group(1)) and path[len(m.group(1)):].isdigit():
+            lo, hi, i = int(m.group(2)), int(m.group(3)), int(path[len(m.group(1)):])
+            return (2, lo - hi) if lo <= i <= hi else None
+        if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(path, pattern):
+            return (1, len(pattern))
+        return None
+
+    def strategy_name(self, layer: Optional[str]) -> str:
+        if layer is None or not self.overrides:
+            return self.default
+        best = max(((self._specificity(p, layer), name) for p, name in self.overrides
+                    if self._specificity(p, layer) is not None), default=None)
+        return best[1] if best else self.default
+
+    def check(self, layers: Iterable[str]):
+        """Every pattern must match a layer of the model."""
+        from .errors import OptionsError
+
+        layers = sorted(set(layers), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+        for pattern, _ in self.overrides:
+            if not any(self._specificity(pattern, layer) for layer in layers):
+                raise OptionsError(f"layers pattern {pattern!r} matches no layer of this model; its layers are "
+                                   f"{layers[:4] + ['...'] + layers[-2:] if len(layers) > 8 else layers}")
