@@ -1,6 +1,6 @@
 """The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
 
-    capture -> causal_mask -> annotate -> propagate -> insert_collectives -> localize
+    capture -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives -> localize
             -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
@@ -22,12 +22,13 @@ from .localize import localize
 from .lower import check_local_shapes, lower
 from .propagate import propagate
 from .rows_attention import rows_attention
+from .share_kv_heads import share_kv_heads
 
 __all__ = ["PIPELINE", "run_pipeline", "lower"]
 
 log = logging.getLogger("seqpar")
 
-PIPELINE = [capture, causal_mask, annotate, propagate, insert_collectives, localize, rows_attention,
+PIPELINE = [capture, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize, rows_attention,
             check_local_shapes]
 
 

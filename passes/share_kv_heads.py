@@ -1,0 +1,102 @@
+"""share_kv_heads: tensor parallelism with fewer KV heads than ranks (N % Hkv == 0).
+
+Each KV head then serves the N/Hkv ranks whose query heads use it. The graph is widened
+before sharding, so every later pass sees an ordinary head split:
+
+    k = (x @ Wk.T).view(B, S, Hkv, D) ... expand(B, Hkv, H/Hkv, S, D) -> [B, H, S, D]
+    becomes
+    k = (x @ Wk'.T).view(B, S, N, D)  ... expand(B, N,   H/N,   S, D) -> [B, H, S, D]
+
+with Wk' = Wk with each head repeated N/Hkv times (rows, and the bias). Rank r then gets
+exactly KV head r // (N/Hkv): one head's weights, no duplicated work on any rank. Only
+layers whose strategy slices attention weights (tp, megatron_sp, megatron_sp_tp) change.
+"""
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from sp_compiler.errors import ShapeConstraintError, module_path
+from sp_compiler.rules import ATTENTION_OPS, attention_inputs, shape_of
+from sp_compiler.strategies import layer_path, tp_role
+
+aten = torch.ops.aten
+
+__all__ = ["share_kv_heads"]
+
+
+def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    N = ctx.world
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    changed = False
+    for attn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]:
+        strategy = ctx.strategy_for(attn)
+        if strategy.attn_weights != "tp":
+            continue
+        q, k, _, _ = attention_inputs(attn)
+        H, D = shape_of(q)[1], shape_of(q)[3]
+        hkv = _kv_heads(gm, attn, placeholders, ctx, D)
+        if hkv is None or hkv % N == 0:
+            continue
+        if N % hkv or H % N:
+            raise ShapeConstraintError(
+                f"tensor-parallel attention in '{layer_path(module_path(attn))}' has {hkv} KV heads and {H} query "
+                f"heads for {N} ranks: KV heads must divide the world size or be divisible by it. Fix: use a world "
+                f"size that divides {hkv} or is a multiple of it, or 'ulysses' / 'vanilla_sp' for this layer")
+        _widen(gm, attn, placeholders, ctx, hkv, H, D)
+        changed = True
+    if changed:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs]
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    return gm
+
+
+def _kv_projections(gm, attn, placeholders, ctx):
+    """(placeholder index, role) of the k/v projection weights and biases feeding this layer."""
+    layer = layer_path(module_path(attn))
+    out = []
+    for i, n in enumerate(placeholders):
+        fqn = ctx.input_fqns[i]
+        if fqn is None:
+            continue
+        module = fqn.rpartition(".")[0]
+        if layer_path(module) == layer and module.rpartition(".")[2] in ("k_proj", "v_proj") and tp_role(module):
+            out.append(i)
+    return out
+
+
+def _kv_path(gm, attn, placeholders, ctx):
+    """Nodes downstream of the k/v projection weights, up to (not including) attention."""
+    seen, stack = set(), [placeholders[i] for i in _kv_projections(gm, attn, placeholders, ctx)]
+    while stack:
+        for u in stack.pop().users:
+            if u is not attn and u not in seen and u.op == "call_function":
+                seen.add(u)
+                stack.append(u)
+    return [n for n in gm.graph.nodes if n in seen]
+
+
+def _kv_heads(gm, attn, placeholders, ctx, D):
+    idx = _kv_projections(gm, attn, placeholders, ctx)
+    if not idx:
+        return None
+    return shape_of(placeholders[idx[0]])[0] // D
+
+
+def _widen(gm, attn, placeholders, ctx, hkv, H, D):
+    N, rep = ctx.world, ctx.world // hkv
+    for i in _kv_projections(gm, attn, placeholders, ctx):
+        w = ctx.example_inputs[i]
+        wide = w.detach().reshape(hkv, D, *w.shape[1:]).repeat_interleave(rep, dim=0).reshape(N * D, *w.shape[1:])
+        ctx.example_inputs[i] = wide
+    for n in _kv_path(gm, attn, placeholders, ctx):                  # sizes between projection and attention
+        if n.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) \
+                and n.args[1][-1] == hkv * D:
+            n.args = (n.args[0], [*n.args[1][:-1], N * D], *n.args[2:])
+        elif n.target == aten.expand.default and len(n.args[1]) == 5 and list(n.args[1][1:3]) == [hkv, H // hkv]:
+            size = list(n.args[1])
+            size[1:3] = [N, H // N]
+            n.args = (n.args[0], size)
+    gm.recompile()
