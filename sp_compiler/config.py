@@ -51,6 +51,6 @@ class Options:
     def _check_strategy(name, where):
         if name not in STRATEGY_NAMES:
             raise OptionsError(f"{where}={name!r} is not a strategy; choose one of {list(STRATEGY_NAMES)}")
-        if name not in IMPLEMENTED:
+        if name not in IMPLEMENTED and name != "auto":
             raise SeqparError(f"{where}={name!r} is a planned strategy that this build does not implement yet; "
                               f"implemented: {list(IMPLEMENTED)}")
