@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 __all__ = ["STRATEGIES", "build_demo_model", "main", "summarize_collectives"]
 
 #: Strategies the demo compares, in table order.
-STRATEGIES = ["tp", "ulysses"]
+STRATEGIES = ["tp", "megatron_sp", "megatron_sp_tp", "ulysses", "vanilla_sp", "vanilla_sp_zigzag"]
 
 #: The demo model: small enough for a laptop CPU, big enough to time.
 MODEL = dict(layers=2, hidden=256, heads=8, kv_heads=2, vocab=1024, intermediate=512)
