@@ -69,17 +69,20 @@ def rows_attention(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     return gm
 
 
+# position of ``is_causal`` in each attention op's arguments
+_IS_CAUSAL_ARG = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: 4,
+    aten._scaled_dot_product_flash_attention.default: 4,
+    aten._scaled_dot_product_efficient_attention.default: 6,
+    aten.scaled_dot_product_attention.default: 5,
+}
+
+
 def _is_causal(node) -> bool:
-    t = node.target
-    if t == aten._scaled_dot_product_flash_attention_for_cpu.default:
-        return bool(node.args[4]) if len(node.args) > 4 else bool(node.kwargs.get("is_causal", False))
-    if t == aten._scaled_dot_product_flash_attention.default:
-        return bool(node.args[4]) if len(node.args) > 4 else bool(node.kwargs.get("is_causal", False))
-    if t == aten._scaled_dot_product_efficient_attention.default:
-        return bool(node.args[6]) if len(node.args) > 6 else bool(node.kwargs.get("is_causal", False))
-    if t == aten.scaled_dot_product_attention.default:
-        return bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
-    return False
+    i = _IS_CAUSAL_ARG.get(node.target)
+    if i is None:
+        return False
+    return bool(node.args[i]) if len(node.args) > i else bool(node.kwargs.get("is_causal", False))
 
 
 def _attend(b, node, q, k, v, causal):
@@ -119,7 +122,7 @@ def _split_causal(gm, node, ctx, zigzag):
         w_d = b(aten.unsqueeze.default, b(aten.exp.default, b(aten.sub.Tensor, lse_d, lse)), -1)
         w_p = b(aten.unsqueeze.default, b(aten.exp.default, b(aten.sub.Tensor, lse_p, lse)), -1)
         o = b(aten.add.Tensor, b(aten.mul.Tensor, o_d, w_d), b(aten.mul.Tensor, o_p, w_p))
-        outs.append(b(aten._to_copy.default, o, dtype=shape_dtype(node)))
+        outs.append(b(aten._to_copy.default, o, dtype=node.meta["val"][0].dtype))
     out = outs[0] if len(outs) == 1 else b(aten.cat.default, outs, 2)
     out.meta[PLACEMENT] = node.meta[PLACEMENT][0]
     for u in list(node.users):
@@ -127,7 +130,3 @@ def _split_causal(gm, node, ctx, zigzag):
             u.replace_all_uses_with(out)
         gm.graph.erase_node(u)
     gm.graph.erase_node(node)
-
-
-def shape_dtype(node):
-    return node.meta["val"][0].dtype

@@ -211,6 +211,15 @@ def _aligned(x, out_shape):
     return off, [s[i] == 1 and out_shape[i + off] != 1 for i in range(len(s))]
 
 
+def _first_shard(ins, pl, out_shape):
+    """The first sharded input's placement, in output dims; None if no input is sharded."""
+    for x in ins:
+        if is_shard(pl[x]):
+            off, _ = _aligned(x, out_shape)
+            return with_dim(pl[x], pl[x].dim + off)
+    return None
+
+
 def _pointwise_rule(node, ctx, P):
     out_shape = shape_of(node)
     ins = tensor_inputs(node)
@@ -225,24 +234,14 @@ def _pointwise_rule(node, ctx, P):
         if bias is not None:                   # P + bias: rank 0 adds the bias, the sum stays pending
             return Decision(Partial(), {bias: Partial()})
         # A Partial meets something else: resolve it to where the others live.
-        target = None
-        for x in ins:
-            if is_shard(pl[x]):
-                off, _ = _aligned(x, out_shape)
-                target = with_dim(pl[x], pl[x].dim + off)
-                break
+        target = _first_shard(ins, pl, out_shape)
         for x in partials:
             off, _ = _aligned(x, out_shape)
             want = with_dim(target, target.dim - off) if target is not None and target.dim >= off else Replicate()
             wants[x] = want
             pl[x] = want
 
-    chosen = None
-    for x in ins:
-        if is_shard(pl[x]):
-            off, _ = _aligned(x, out_shape)
-            chosen = with_dim(pl[x], pl[x].dim + off)
-            break
+    chosen = _first_shard(ins, pl, out_shape)
     if chosen is None:
         return Decision(Replicate(), wants)
     for x in ins:
