@@ -60,10 +60,11 @@ def _choose_strategy(gm, example_inputs, opts, world, group, dumper) -> Options:
     from .strategies import IMPLEMENTED
 
     machine = machine_profile()
+    fqns = input_fqns(gm)
     preds = {}
     for name in IMPLEMENTED:
         trial = dataclasses.replace(opts, strategy=name, dump_dir=None)
-        ctx = PassContext(trial, world, world - 1, group, list(example_inputs), input_fqns(gm))
+        ctx = PassContext(trial, world, world - 1, group, list(example_inputs), fqns)
         try:
             local = run_pipeline(gm, ctx)
         except SeqparError as e:

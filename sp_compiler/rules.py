@@ -25,7 +25,7 @@ from torch.fx import Node
 
 from .errors import ShapeConstraintError, ShardingError, UnsupportedOpError, module_path
 from .placements import (
-    Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, is_shard, make_shard,
+    fmt, Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, is_shard, make_shard,
     shard_dim, split_factor, with_dim,
 )
 
@@ -191,9 +191,12 @@ def _transparent_rule(node, ctx, P):
             s = shape_of(node.args[0])
             if shape_of(node) == s:                     # a full slice: nothing to do
                 return Decision(p)
-        raise ShardingError(node, f"cannot keep sharding {p} of shape {shape_of(src)} through this op "
-                            f"(output shape {shape_of(node)})", placements=[p],
-                            hint="make the sharded size divisible by the world size, or choose another strategy")
+        raise ShardingError(node, f"cannot keep sharding {fmt(p)} of shape {shape_of(src)} through this op "
+                            f"(output shape {shape_of(node)}) on {ctx.world} ranks: no output dim splits evenly "
+                            f"into {ctx.world} (typically a head count not divisible by the world size)",
+                            placements=[p],
+                            hint=f"use a world size that divides the head counts, or a strategy that does not "
+                                 f"split heads here ('vanilla_sp')")
     if is_partial(p) and node.target not in _PARTIAL_SAFE:      # e.g. a dtype cast of a partial sum
         return Decision(Replicate(), {src: Replicate()})
     return Decision(out)
@@ -360,7 +363,8 @@ def _embedding_rule(node, ctx, P):
         p = Shard(1)
         wants[idx] = p
         ctx.check_divisible(node, shape_of(idx)[1], "the sequence length",
-                            "pad the prompt to a multiple of the world size, or use 'tp'")
+                            "pad the prompt to a multiple of the world size (twice it for zig-zag), or use 'tp'",
+                            by=2 * ctx.world if ctx.zigzag else ctx.world)
     return Decision(p, wants)
 
 
