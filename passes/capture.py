@@ -25,8 +25,7 @@ def capture(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for x in ctx.example_inputs:
         if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
                 isinstance(s, torch.SymInt) for s in x.shape)):
-            raise SeqparError("seqpar compiles static shapes only in this build: pass dynamic=False to "
-                              "torch.compile (each prompt length compiles once)")
+            raise SeqparError("capture needs concrete shapes; the backend compiles symbolic graphs per shape")
     fake_mode = detect_fake_mode(ctx.example_inputs) or torch._subclasses.FakeTensorMode()
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs]
     # Running Dynamo's graph through an Interpreter under preserve_node_meta() stamps every

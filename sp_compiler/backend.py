@@ -33,11 +33,18 @@ _last: dict = {}
 
 def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None):
     opts = Options.from_dict(options)
+    fqns = input_fqns(gm)                       # Dynamo drops this metadata once the backend returns
+    if any(_symbolic(x) for x in example_inputs):
+        return _PerShape(gm, opts, fqns)
+    return _compile(gm, list(example_inputs), opts, fqns)
+
+
+def _compile(gm, example_inputs, opts, fqns):
     world, rank, group = world_info()
     dumper = GraphDumper(opts.dump_dir, rank)
     if opts.strategy == "auto":
-        opts = _choose_strategy(gm, example_inputs, opts, world, group, dumper)
-    ctx = PassContext(opts, world, rank, group, list(example_inputs), input_fqns(gm))
+        opts = _choose_strategy(gm, example_inputs, opts, world, group, dumper, fqns)
+    ctx = PassContext(opts, world, rank, group, list(example_inputs), fqns)
     aten_gm = run_pipeline(gm, ctx, on_pass=dumper.on_pass)
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
@@ -48,7 +55,29 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     return lower(aten_gm, ctx)
 
 
-def _choose_strategy(gm, example_inputs, opts, world, group, dumper) -> Options:
+def _symbolic(x) -> bool:
+    return isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+        isinstance(s, torch.SymInt) for s in x.shape))
+
+
+class _PerShape:
+    """Dynamo made sizes dynamic (the model saw a second prompt length): seqpar's graphs are
+    static, so compile one per distinct input shape, on first use, and keep them all.
+    Every rank sees the same shapes, so every rank compiles the same sequence of graphs."""
+
+    def __init__(self, gm, opts, fqns):
+        self.gm, self.opts, self.fqns = gm, opts, fqns
+        self.compiled = {}
+
+    def __call__(self, *args):
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in self.compiled:
+            log.info("seqpar: compiling for input shapes %s", key)
+            self.compiled[key] = _compile(self.gm, list(args), self.opts, self.fqns)
+        return self.compiled[key](*args)
+
+
+def _choose_strategy(gm, example_inputs, opts, world, group, dumper, fqns) -> Options:
     """``strategy="auto"``: price every legal strategy with the cost model and keep the fastest.
 
     Every rank prices the graph of rank N-1 (the busiest under contiguous vanilla SP), so all
@@ -60,7 +89,6 @@ def _choose_strategy(gm, example_inputs, opts, world, group, dumper) -> Options:
     from .strategies import IMPLEMENTED
 
     machine = machine_profile()
-    fqns = input_fqns(gm)
     preds = {}
     for name in IMPLEMENTED:
         trial = dataclasses.replace(opts, strategy=name, dump_dir=None)
