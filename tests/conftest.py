@@ -14,9 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _dynamo_reset():
-    """Every test starts and ends with empty Dynamo caches (compiles never leak between tests)."""
+@pytest.fixture
+def dynamo_reset():
+    """The test starts and ends with empty Dynamo caches (compiles never leak between tests).
+    Use per module: ``pytestmark = pytest.mark.usefixtures("dynamo_reset")``."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -34,6 +34,8 @@ SEQ_PARALLEL = ("ulysses", "megatron_sp", "megatron_sp_tp")
 BATCH, SEQ, LAYERS, HIDDEN, VOCAB = 2, 16, 2, 128, 128
 FP32 = 4
 
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
+
 # world -> model shape; both divisible by the world for every strategy (TP splits heads).
 SHAPES = {
     2: dict(heads=4, kv_heads=2, hidden=HIDDEN),     # head_dim 32
@@ -62,9 +64,9 @@ def compile_report(family, strategy, world, rank=0, **shape):
     return _cache[key]
 
 
-def expected_layer(strategy, family, world, heads, kv_heads, hidden):
+def expected_layer(strategy, family, world, heads, kv_heads, hidden, seq=SEQ):
     """Sorted (kind, bytes) of one decoder layer, from the model dims alone."""
-    resid = BATCH * SEQ * hidden * FP32
+    resid = BATCH * seq * hidden * FP32
     if strategy == "tp":
         return sorted([("all_reduce", resid)] * 2)
     if strategy == "megatron_sp":
@@ -73,7 +75,7 @@ def expected_layer(strategy, family, world, heads, kv_heads, hidden):
         return sorted([("all_gather", resid), ("reduce_scatter", resid)])
     if strategy == "ulysses":
         d = model_dims(family, heads, kv_heads, hidden)
-        local_rows = BATCH * (SEQ // world)
+        local_rows = BATCH * (seq // world)
         qkv = local_rows * (d["H"] + 2 * d["Hkv"]) * d["head_dim"] * FP32
         back = local_rows * d["H"] * d["head_dim"] * FP32
         return sorted([("all_to_all", qkv), ("all_to_all", back)])
@@ -150,6 +152,18 @@ def test_ulysses_moves_kv_heads_not_query_heads(family):
         assert mha_bytes not in a2a
 
 
+@pytest.mark.parametrize("strategy", ["tp", "megatron_sp", "megatron_sp_tp"])
+def test_tp_with_fewer_kv_heads_than_ranks(strategy):
+    """llama H=8, Hkv=2 at world 4 (N % Hkv == 0): tensor parallelism still compiles, with the
+    strategy's usual collectives and bytes (KV heads are shared, not exchanged)."""
+    shape = dict(heads=8, kv_heads=2, hidden=HIDDEN)
+    report = compile_report("llama", strategy, 4, **shape)
+    got = by_layer(report)
+    want = expected_layer(strategy, "llama", 4, **shape)
+    for layer in layer_names("llama", LAYERS):
+        assert got.get(layer) == want, (layer, got.get(layer), want)
+
+
 def test_gpt2_ulysses_is_multi_head():
     """GPT-2 has no KV grouping: its packed exchange is exactly 3*H heads."""
     report = compile_report("gpt2", "ulysses", 2, **SHAPES[2])
@@ -180,3 +194,21 @@ def test_report_is_of_the_last_compile_only(fake_pg):
     torch._dynamo.reset()
     compile_logits(build_model("llama", **SHAPES[2]), ids, {"strategy": "megatron_sp_tp", "lower": "eager"})
     assert Counter(r["kind"] for r in last_report()) == {"all_gather": LAYERS + 1, "reduce_scatter": LAYERS}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_prompt_length_compiles_once(fake_pg, strategy):
+    """With dynamic=False every new prompt length recompiles, and the collectives scale with it."""
+    from sp_compiler.backend import last_report
+
+    fake_pg(2)
+    model = build_model("llama", **SHAPES[2])
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "eager"}, dynamic=False)
+    for seq in (16, 32, 8):
+        with torch.no_grad():
+            logits = fast(make_inputs("llama", BATCH, seq), use_cache=False).logits
+        assert logits.shape == (BATCH, seq, VOCAB)
+        got = by_layer(last_report())
+        want = expected_layer(strategy, "llama", 2, seq=seq, **SHAPES[2])
+        for layer in layer_names("llama", LAYERS):
+            assert got.get(layer) == want, (seq, layer, got.get(layer), want)

@@ -9,6 +9,7 @@ from models import build_model, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.usefixtures("dynamo_reset"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 

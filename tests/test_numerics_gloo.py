@@ -9,7 +9,8 @@ and imports are paid once per group; results are cached for the module and each
     worlds      1, 2, 4   (heads=8, kv_heads=4, hidden=128: every world divides)
     lower       aot_eager; plus one inductor run per strategy (llama, world 2)
     extras      attention_mask of ones (llama, gpt2; world 2): HF then builds an input-dependent mask;
-                ulysses with fewer KV heads than ranks (llama H=4, Hkv=2 at world 4)
+                batch 1 (llama, world 2): B*S rows no longer tell batch and sequence apart;
+                fewer KV heads than ranks (llama Hkv=2, H=4 and 8, at world 4), every strategy
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ WORLDS = (1, 2, 4)
 BATCH, SEQ, LAYERS = 2, 16, 2
 SHAPE = dict(heads=8, kv_heads=4, hidden=128)
 MASKED_FAMILIES = ("llama", "gpt2")
-GQA_FEW_KV = dict(heads=4, kv_heads=2, hidden=128)      # Hkv = 2 < world 4
+#: fewer KV heads than ranks at world 4 (Hkv = 2 < 4): ulysses cannot split the KV heads 4 ways,
+#: TP strategies share each KV head between 2 ranks
+FEW_KV = {"llama-h4-kv2": dict(heads=4, kv_heads=2, hidden=128),
+          "llama-h8-kv2": dict(heads=8, kv_heads=2, hidden=128)}
 TOL = dict(atol=1e-5, rtol=1e-5)
 TIMEOUT = 600
+
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 #: collectives per compiled graph of a 2-layer model (DESIGN.md), for world > 1
 EXPECTED_KINDS = {
@@ -43,14 +49,14 @@ EXPECTED_KINDS = {
 # ----------------------------------------------------------------------------- in the ranks
 
 def _compile_cases(strategy: str, lower: str, cases: list) -> dict:
-    """Rank body. ``cases`` = [(key, family, model kwargs, masked)] -> {key: (logits, kinds)}."""
+    """Rank body. ``cases`` = [(key, family, model kwargs, masked[, batch])] -> {key: (logits, kinds)}."""
     from sp_compiler.backend import last_report
 
     out = {}
-    for key, family, model_kw, masked in cases:
+    for key, family, model_kw, masked, *batch in cases:
         torch._dynamo.reset()
         model = build_model(family, layers=LAYERS, **model_kw)
-        ids = make_inputs(family, BATCH, SEQ)
+        ids = make_inputs(family, batch[0] if batch else BATCH, SEQ)
         call_kw = {"attention_mask": torch.ones_like(ids)} if masked else {}
         fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": lower})
         with torch.no_grad():
@@ -70,8 +76,9 @@ def _cases_for(strategy, world):
     cases = [((family, False), family, SHAPE, False) for family in FAMILIES]
     if world == 2:
         cases += [((family, True), family, SHAPE, True) for family in MASKED_FAMILIES]
-    if world == 4 and strategy == "ulysses":
-        cases += [(("llama-few-kv", False), "llama", GQA_FEW_KV, False)]
+        cases += [(("llama-b1", False), "llama", SHAPE, False, 1)]
+    if world == 4:
+        cases += [((name, False), "llama", kw, False) for name, kw in FEW_KV.items()]
     return cases
 
 
@@ -91,12 +98,12 @@ def group_results(strategy: str, world: int, lower: str = "aot_eager", cases=Non
     return value
 
 
-def reference(family: str, masked: bool = False, model_kw=None) -> torch.Tensor:
+def reference(family: str, masked: bool = False, model_kw=None, batch: int = BATCH) -> torch.Tensor:
     model_kw = model_kw or SHAPE
-    key = (family, masked, tuple(sorted(model_kw.items())))
+    key = (family, masked, tuple(sorted(model_kw.items())), batch)
     if key not in _refs:
         model = build_model(family, layers=LAYERS, **model_kw)
-        ids = make_inputs(family, BATCH, SEQ)
+        ids = make_inputs(family, batch, SEQ)
         call_kw = {"attention_mask": torch.ones_like(ids)} if masked else {}
         with torch.no_grad():
             _refs[key] = model(ids, use_cache=False, **call_kw).logits
@@ -146,10 +153,23 @@ def test_attention_mask_of_ones(family, strategy):
         assert per_rank[(family, True)][1] == EXPECTED_KINDS[strategy]
 
 
-def test_ulysses_fewer_kv_heads_than_ranks():
-    """llama H=4, Hkv=2 on 4 ranks: the KV heads cannot be split 4 ways; still exact."""
-    results = group_results("ulysses", 4)
-    check_every_rank(results, ("llama-few-kv", False), reference("llama", model_kw=GQA_FEW_KV))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_one(strategy):
+    """llama, batch 1, world 2."""
+    results = group_results(strategy, 2)
+    check_every_rank(results, ("llama-b1", False), reference("llama", batch=1))
+    for per_rank in results:
+        assert per_rank[("llama-b1", False)][1] == EXPECTED_KINDS[strategy]
+
+
+@pytest.mark.parametrize("name", sorted(FEW_KV))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fewer_kv_heads_than_ranks(strategy, name):
+    """Hkv=2 KV heads on 4 ranks: still exact on every rank, with the usual collectives."""
+    results = group_results(strategy, 4)
+    check_every_rank(results, (name, False), reference("llama", model_kw=FEW_KV[name]))
+    for per_rank in results:
+        assert per_rank[(name, False)][1] == EXPECTED_KINDS[strategy]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
