@@ -1,5 +1,8 @@
 """share_kv_heads: tensor parallelism with fewer KV heads than ranks (N % Hkv == 0).
 
+Also where head counts that cannot be split are refused, naming them, before any pass
+fails on a view deep inside attention.
+
 Each KV head then serves the N/Hkv ranks whose query heads use it. The graph is widened
 before sharding, so every later pass sees an ordinary head split:
 
@@ -36,14 +39,19 @@ def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         q, k, _, _ = attention_inputs(attn)
         H, D = shape_of(q)[1], shape_of(q)[3]
+        layer = layer_path(module_path(attn))
+        if H % N:
+            raise ShapeConstraintError(
+                f"tensor-parallel attention in '{layer}' has {H} query heads, not divisible by the world size "
+                f"({N}). Fix: use a world size that divides {H}, or 'vanilla_sp' for this layer")
         hkv = _kv_heads(gm, attn, placeholders, ctx, D)
         if hkv is None or hkv % N == 0:
             continue
-        if N % hkv or H % N:
+        if N % hkv:
             raise ShapeConstraintError(
-                f"tensor-parallel attention in '{layer_path(module_path(attn))}' has {hkv} KV heads and {H} query "
-                f"heads for {N} ranks: KV heads must divide the world size or be divisible by it. Fix: use a world "
-                f"size that divides {hkv} or is a multiple of it, or 'ulysses' / 'vanilla_sp' for this layer")
+                f"tensor-parallel attention in '{layer}' has {hkv} KV heads for {N} ranks: the KV heads must be "
+                f"divisible by the world size, or divide it (then ranks share a KV head). Fix: use a world size "
+                f"that divides {hkv} or is a multiple of it, or 'ulysses' / 'vanilla_sp' for this layer")
         _widen(gm, attn, placeholders, ctx, hkv, H, D)
         changed = True
     if changed:

@@ -263,13 +263,6 @@ def test_ulysses_heads_not_divisible_by_world(fake_pg, family, model_kw, count):
 TP_STRATEGIES = ["tp", "megatron_sp", "megatron_sp_tp"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: tensor parallelism on a multi-head model (GPT-2, H=2) at world 4 fails in the view "
-    "after c_attn with a generic ShardingError ('cannot keep sharding S(2) of shape (2, 16, 64) "
-    "through this op ... make the sharded size divisible by the world size') that names neither "
-    "the head count nor the world size: annotate only checks c_attn's 64 features per block "
-    "(divisible by 4), share_kv_heads finds no k_proj/v_proj in GPT-2, and the attention rule's "
-    "check_divisible('query heads') comes after the failing view"))
 @pytest.mark.parametrize("strategy", TP_STRATEGIES)
 def test_tp_mha_heads_not_divisible_by_world(fake_pg, strategy):
     fake_pg(4)
@@ -285,11 +278,6 @@ def test_tp_gqa_query_heads_not_divisible_by_world(fake_pg, strategy):
     assert isinstance(_assert_names_heads_and_world(exc, 6), ShapeConstraintError)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug (message): share_kv_heads raises one message for 'N % Hkv' and 'H % N'; with H=6, "
-    "Hkv=2, N=4 the 2 KV heads do divide 4, yet it says 'KV heads must divide the world size or be "
-    "divisible by it. Fix: use a world size that divides 2 or is a multiple of it' (4 already is) "
-    "instead of saying the 6 query heads do not divide 4"))
 def test_tp_gqa_query_heads_error_blames_the_query_heads(fake_pg):
     fake_pg(4)
     msg = error_text(_compile_error("llama", "tp", heads=6, kv_heads=2, hidden=96))
