@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from sp_compiler.collectives import Builder, all_gather, all_to_all, collective_kind, redistribute
-from sp_compiler.context import INSERTED, PLACEMENT, layer_of
+from sp_compiler.context import PLACEMENT, layer_of
 from sp_compiler.placements import fmt
 
 __all__ = ["insert_collectives"]

@@ -23,10 +23,10 @@ import operator
 
 import torch
 
-from sp_compiler.collectives import Builder, _zigzag_chunks
-from sp_compiler.context import INSERTED, PLACEMENT
+from sp_compiler.collectives import Builder, zigzag_chunks
+from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import ShardingError
-from sp_compiler.rules import ATTENTION_OPS, attention_inputs, shape_of
+from sp_compiler.rules import ATTENTION_OPS, attention_inputs
 
 aten = torch.ops.aten
 
@@ -35,7 +35,7 @@ __all__ = ["rows_attention", "chunks_of", "attention_work"]
 
 def chunks_of(world: int, rank: int, zigzag: bool):
     """Global chunk ids of this rank's rows, and how many chunks the sequence has."""
-    return (_zigzag_chunks(world, rank), 2 * world) if zigzag else ((rank,), world)
+    return (zigzag_chunks(world, rank), 2 * world) if zigzag else ((rank,), world)
 
 
 def attention_work(S: int, world: int, zigzag: bool):

@@ -25,14 +25,15 @@ from typing import List, Sequence
 import torch
 from torch.fx import Graph, Node
 
-from .context import INSERTED, PLACEMENT
+from .context import INSERTED
 from .narrow import narrow
-from .placements import Shard, fmt, is_partial, is_replicate, is_shard, local_shape, split_factor
+from .placements import Shard, is_partial, is_replicate, is_shard, local_shape, split_factor
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-__all__ = ["Builder", "redistribute", "all_to_all", "collective_kind"]
+__all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_reduce", "reduce_scatter",
+           "all_to_all", "zigzag_chunks"]
 
 
 class Builder:
@@ -94,7 +95,7 @@ def _zigzag(b) -> bool:
     return b.ctx.zigzag
 
 
-def _zigzag_chunks(N: int, r: int):
+def zigzag_chunks(N: int, r: int):
     """Rank r's two chunks of 2N: r and 2N-1-r (equal attention work per rank)."""
     return (r, 2 * N - 1 - r)
 
@@ -113,7 +114,7 @@ def _slice_rows(b: Builder, x, dim, want=None, gshape=None):
     x, shape, d = _expand_strided(b, x, gshape or x.meta["val"].shape, want)
     if _zigzag(b):
         C = shape[d] // (2 * N)
-        y = b(aten.cat.default, [b(aten.slice.Tensor, x, d, c * C, (c + 1) * C) for c in _zigzag_chunks(N, r)], d)
+        y = b(aten.cat.default, [b(aten.slice.Tensor, x, d, c * C, (c + 1) * C) for c in zigzag_chunks(N, r)], d)
     else:
         L = shape[d] // N
         y = b(aten.slice.Tensor, x, d, r * L, (r + 1) * L)
@@ -147,7 +148,7 @@ def _merge_from_ranks(b, part, rshape, s, have):
         C = full[s] // (2 * N)
         where = {}
         for rank in range(N):
-            for k, c in enumerate(_zigzag_chunks(N, rank)):
+            for k, c in enumerate(zigzag_chunks(N, rank)):
                 where[c] = 2 * rank + k
         y = b(aten.cat.default, [b(aten.slice.Tensor, y, s, where[c] * C, (where[c] + 1) * C)
                                  for c in range(2 * N)], s)

@@ -23,9 +23,9 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.fx import Node
 
-from .errors import ShapeConstraintError, ShardingError, UnsupportedOpError, module_path
+from .errors import ShardingError, UnsupportedOpError
 from .placements import (
-    fmt, Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, is_shard, make_shard,
+    Partial, Replicate, Shard, fmt, is_partial, is_replicate, is_shard, make_shard,
     shard_dim, split_factor, with_dim,
 )
 
@@ -195,8 +195,8 @@ def _transparent_rule(node, ctx, P):
                             f"(output shape {shape_of(node)}) on {ctx.world} ranks: no output dim splits evenly "
                             f"into {ctx.world} (typically a head count not divisible by the world size)",
                             placements=[p],
-                            hint=f"use a world size that divides the head counts, or a strategy that does not "
-                                 f"split heads here ('vanilla_sp')")
+                            hint="use a world size that divides the head counts, or a strategy that does not "
+                                 "split heads here ('vanilla_sp')")
     if is_partial(p) and node.target not in _PARTIAL_SAFE:      # e.g. a dtype cast of a partial sum
         return Decision(Replicate(), {src: Replicate()})
     return Decision(out)
