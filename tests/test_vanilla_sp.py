@@ -504,19 +504,28 @@ def check(results, family, case):
                                    msg=lambda m, r=rank: f"rank {r} of {len(results)}, {family} {case}: {m}")
 
 
-@pytest.mark.parametrize("case", NUM_CASES)
+#: world 4 runs 4 processes on CI's 2 cores: it keeps the cases the issue names (causal and
+#: packed documents); padding and the sliding-window variant run at world 2.
+WORLD_CASES = {2: NUM_CASES, 4: ("causal", "packed")}
+
+
+def group_for(strategy, world):
+    families = FAMILIES + (tuple(VARIANTS) if world == 2 else ())
+    return group(strategy, world, families=families, cases=WORLD_CASES[world])
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cases in WORLD_CASES.items() for c in cases],
+                         ids=lambda x: f"w{x}" if isinstance(x, int) else x)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("strategy", VANILLA)
-@pytest.mark.parametrize("world", (2, 4), ids=lambda w: f"w{w}")
 def test_matches_single_process(world, strategy, family, case):
-    check(group(strategy, world), family, case)
+    check(group_for(strategy, world), family, case)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("strategy", VANILLA)
-@pytest.mark.parametrize("world", (2, 4), ids=lambda w: f"w{w}")
-def test_variant_matches_single_process(world, strategy, variant):
-    check(group(strategy, world), variant, "causal")
+def test_variant_matches_single_process(strategy, variant):
+    check(group_for(strategy, 2), variant, "causal")
 
 
 def test_packed_case_really_differs_from_causal():
