@@ -8,8 +8,25 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_fake_pg", "fake_process_group", "seqpar_error", "error_text", "compile_logits",
+__all__ = ["cached_run", "init_fake_pg", "fake_process_group", "seqpar_error", "error_text", "compile_logits",
            "layer_names", "model_dims"]
+
+
+_runs: dict = {}
+
+
+def cached_run(key, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` once per ``key`` for the test session; a failure is cached and
+    re-raised by every test that asks, so a broken group of ranks costs one run, not one per test."""
+    if key not in _runs:
+        try:
+            _runs[key] = ("ok", fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            _runs[key] = ("error", e)
+    status, value = _runs[key]
+    if status == "error":
+        raise value
+    return value
 
 
 def init_fake_pg(world: int, rank: int = 0) -> None:

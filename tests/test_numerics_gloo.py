@@ -22,6 +22,7 @@ import torch
 
 from dist import run_ranks
 from models import FAMILIES, build_model, make_inputs
+from seqpar_testing import cached_run
 
 STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
 WORLDS = (1, 2, 4)
@@ -68,7 +69,6 @@ def _compile_cases(strategy: str, lower: str, cases: list) -> dict:
 
 # ----------------------------------------------------------------------------- in the test process
 
-_groups: dict = {}
 _refs: dict = {}
 
 
@@ -87,15 +87,8 @@ def group_results(strategy: str, world: int, lower: str = "aot_eager", cases=Non
     broken group costs one run, not one per test."""
     cases = cases if cases is not None else _cases_for(strategy, world)
     gkey = (strategy, world, lower, tuple(c[0] for c in cases))
-    if gkey not in _groups:
-        try:
-            _groups[gkey] = ("ok", run_ranks(_compile_cases, world, strategy, lower, cases, timeout=TIMEOUT))
-        except Exception as e:  # noqa: BLE001 - re-raised by every test of the group
-            _groups[gkey] = ("error", e)
-    status, value = _groups[gkey]
-    if status == "error":
-        raise value
-    return value
+    return cached_run(("numerics",) + gkey, run_ranks, _compile_cases, world, strategy, lower, cases,
+                      timeout=TIMEOUT)
 
 
 def reference(family: str, masked: bool = False, model_kw=None, batch: int = BATCH) -> torch.Tensor:

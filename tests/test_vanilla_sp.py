@@ -35,7 +35,7 @@ from torch.fx.node import map_arg
 
 from dist import run_ranks
 from models import FAMILIES, build_model, make_inputs, packed_position_ids
-from seqpar_testing import compile_logits, fake_process_group, layer_names, model_dims
+from seqpar_testing import cached_run, compile_logits, fake_process_group, layer_names, model_dims
 
 VANILLA = ("vanilla_sp", "vanilla_sp_zigzag")
 B, S, LAYERS, VOCAB = 2, 32, 2, 128
@@ -466,22 +466,13 @@ def _rank_body(strategy: str, lower: str, families, cases) -> dict:
     return out
 
 
-_groups: dict = {}
 _refs: dict = {}
 
 
 def group(strategy, world, lower="aot_eager", families=FAMILIES + tuple(VARIANTS), cases=NUM_CASES):
     key = (strategy, world, lower, tuple(families), tuple(cases))
-    if key not in _groups:
-        try:
-            _groups[key] = ("ok", run_ranks(_rank_body, world, strategy, lower, list(families), list(cases),
-                                            timeout=900))
-        except Exception as e:  # noqa: BLE001 - re-raised by every test of the group
-            _groups[key] = ("error", e)
-    status, value = _groups[key]
-    if status == "error":
-        raise value
-    return value
+    return cached_run(("vanilla",) + key, run_ranks, _rank_body, world, strategy, lower, list(families),
+                      list(cases), timeout=900)
 
 
 def reference(family, case):
