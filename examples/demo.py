@@ -1,7 +1,7 @@
 """seqpar demo: one small Llama, split across CPU ranks, against one device.
 
-Spawns ``--world-size`` gloo ranks on 127.0.0.1 (or runs in place under
-``torchrun``). Every rank builds the same random-weight ``LlamaForCausalLM``;
+Spawns ``--world-size`` gloo ranks on 127.0.0.1 with ``sp_compiler.testing.run_ranks``
+(or runs in place under ``torchrun``). Every rank builds the same random-weight ``LlamaForCausalLM``;
 rank 0 computes the uncompiled single-device logits and times them, then each
 strategy in :data:`STRATEGIES` is compiled with
 ``torch.compile(model, backend="seqpar", options={"strategy": s, "lower": "inductor"})``
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -28,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 __all__ = ["STRATEGIES", "build_demo_model", "main", "summarize_collectives"]
 
@@ -138,6 +136,8 @@ def _last_report() -> list[dict] | None:
 
 def _rank_main(args: argparse.Namespace) -> bool:
     """What every rank runs once the process group is up; ``True`` if every strategy ran."""
+    from sp_compiler.testing import error_line
+
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_demo_model(args.seq_len)
@@ -179,8 +179,7 @@ def _rank_main(args: argparse.Namespace) -> bool:
 
                 median_ms = _time_ms(step, args.iters, sync=True)
         except Exception as exc:  # noqa: BLE001 - compile errors are the same on every rank
-            cause = getattr(exc, "inner_exception", None) or exc  # unwrap BackendCompilerFailed
-            status = f"failed: {type(cause).__name__}: {' '.join(str(cause).split())}"
+            status = f"failed: {error_line(exc)}"
             if args.verbose and rank == 0:
                 traceback.print_exc()
         # Every rank must agree before the next strategy starts its collectives.
@@ -215,65 +214,16 @@ def _rank_main(args: argparse.Namespace) -> bool:
     return all_ok
 
 
-def _run_rank(rank: int, world_size: int, port: int, args: argparse.Namespace, failed) -> None:
-    """Entry point of one spawned rank: set up gloo, run the demo, tear down.
-
-    ``failed`` is a multiprocessing ``Event`` that rank 0 sets when a strategy failed.
-    """
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=args.timeout)
-    )
-    try:
-        ok = _rank_main(args)
-    finally:
-        dist.destroy_process_group()
-    if not ok and rank == 0:  # every rank agrees on this; rank 0 tells the launcher
-        failed.set()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: argparse.Namespace) -> int:
     """Spawn the ranks, wait at most ``args.timeout`` seconds, return an exit code."""
-    failed = mp.get_context("spawn").Event()
-    ctx = mp.start_processes(
-        _run_rank,
-        args=(args.world_size, _free_port(), args, failed),
-        nprocs=args.world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + args.timeout
+    from sp_compiler.testing import RankError, run_ranks
+
     try:
-        while not ctx.join(timeout=1.0):  # raises (and stops the others) if a rank fails
-            if time.monotonic() > deadline:
-                print(f"demo: ranks still running after {args.timeout}s; stopping them", file=sys.stderr)
-                return 1
-    except mp.ProcessRaisedException as exc:
-        print(f"demo: a rank failed:\n{exc}", file=sys.stderr)
+        ok = run_ranks(_rank_main, args.world_size, args, timeout=args.timeout)
+    except RankError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
         return 1
-    except mp.ProcessExitedException as exc:
-        print(f"demo: a rank died: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    if failed.is_set():
+    if not all(ok):
         print("demo: some strategies failed (see the table)", file=sys.stderr)
         return 1
     return 0

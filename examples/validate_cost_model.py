@@ -2,11 +2,12 @@
 
 For a small random-weight Llama and each sequence length, the planner predicts every
 strategy's prefill on the ``cpu-gloo`` profile (calibrated on this machine, fp32; with and
-without the fusion model), then two gloo ranks (one thread each, ``tests/dist.py``) compile
-the model with ``backend="seqpar", lower="inductor"`` and time the forward (the slowest rank's
-wall and CPU time per run; the fastest and the median of ``--iters`` runs). One process with one
-thread and no seqpar (eager and plain Inductor) is timed against the world=1 prediction, which
-checks the compute model without any communication. Prints a markdown table. On a shared
+without the fusion model), then two gloo ranks (one thread each,
+``sp_compiler.testing.run_ranks``) compile the model with ``backend="seqpar",
+lower="inductor"`` and time the forward (the slowest rank's wall and CPU time per run; the
+fastest and the median of ``--iters`` runs). One process with one thread and no seqpar
+(eager and plain Inductor) is timed against the world=1 prediction, which checks the compute
+model without any communication. Prints a markdown table. On a shared
 machine other processes steal the 2 cores: the fastest run is the one to compare with a
 roofline prediction, the CPU time is what the work cost when it ran, and the load average is
 printed with the table.
@@ -27,9 +28,8 @@ import torch
 import torch.distributed as dist
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _p in (_ROOT, os.path.join(_ROOT, "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 __all__ = ["MODEL", "build_config", "measure", "predict_all", "main"]
 
@@ -115,7 +115,7 @@ def _one_process_body(seq_len: int, iters: int) -> dict:
 
 def measure(seq_len: int, strategies, iters: int, nice: int = 0) -> dict:
     """Times per run per strategy over :data:`WORLD` gloo ranks, plus the one-process references."""
-    from dist import run_ranks
+    from sp_compiler.testing import run_ranks
 
     out = run_ranks(_rank_body, WORLD, seq_len, list(strategies), iters, nice, timeout=1800)[0]
     out["one process"] = run_ranks(_one_process_body, 1, seq_len, iters, timeout=1800)[0]
@@ -147,11 +147,11 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     from sp_compiler.cost_model import get_profile
-    from sp_compiler.strategies import IMPLEMENTED
+    from sp_compiler.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", default="512,2048", help="comma-separated (default 512,2048)")
-    p.add_argument("--strategies", default=",".join(IMPLEMENTED), help="comma-separated (default: implemented)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all)")
     p.add_argument("--iters", type=int, default=10, help="timed runs per strategy (default 10)")
     p.add_argument("--nice", type=int, default=0,
                    help="scheduling niceness of the ranks while timing, e.g. -10 on a shared box (needs root)")

@@ -1,13 +1,15 @@
 """The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
 
-    capture -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives -> localize
-            -> rows_attention -> check_local_shapes
+    capture (once per compile, ``capture_graph``)
+      -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
+      -> localize -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -15,32 +17,46 @@ import torch
 from sp_compiler.errors import SeqparError
 
 from .annotate import annotate
-from .capture import capture
+from .capture import capture, copy_graph
 from .causal_mask import causal_mask
 from .insert import insert_collectives
 from .localize import localize
 from .lower import check_local_shapes, lower
+from .prompt_length import prompt_length
 from .propagate import propagate
 from .rows_attention import rows_attention
 from .share_kv_heads import share_kv_heads
 
-__all__ = ["PIPELINE", "run_pipeline", "lower"]
+__all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 
 log = logging.getLogger("seqpar")
 
-PIPELINE = [capture, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize, rows_attention,
-            check_local_shapes]
+PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
+            rows_attention, check_local_shapes]
+
+
+def capture_graph(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    """Dynamo's graph -> the ATen graph every strategy's pipeline starts from (once per compile)."""
+    with _blame("capture"):
+        return capture(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def _blame(name):
+    try:
+        yield
+    except SeqparError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug in a pass: say which one
+        raise SeqparError(f"seqpar pass '{name}' failed: {type(e).__name__}: {e}") from e
 
 
 def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -> torch.fx.GraphModule:
+    """The passes in order on ``gm`` (rewritten in place: hand a ``copy_graph`` to keep it)."""
     for p in passes:
-        try:
+        with _blame(p.__name__):
             gm = p(gm, ctx)
             gm.graph.lint()
-        except SeqparError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug in a pass: say which one
-            raise SeqparError(f"seqpar pass '{p.__name__}' failed: {type(e).__name__}: {e}") from e
         log.debug("after %s: %d nodes", p.__name__, len(gm.graph.nodes))
         if on_pass is not None:
             on_pass(p.__name__, gm)

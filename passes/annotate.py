@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sp_compiler.context import PLACEMENT
-from sp_compiler.errors import SeqparError, ShapeConstraintError, module_path
+from sp_compiler.errors import InputError, ShapeConstraintError, module_path
 from sp_compiler.placements import Replicate, is_shard, make_shard, split_factor
 from sp_compiler.strategies import layer_path, tp_role
 
@@ -30,12 +30,13 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
         if is_shard(node.meta[PLACEMENT]):
             ctx.local_inputs[i] = shard_tensor(ctx.example_inputs[i], node.meta[PLACEMENT], ctx.world, ctx.rank)
+            ctx.sliced[i] = node.meta[PLACEMENT]
     ctx.options.plan.check(layer_path(module_path(n)) for n in gm.graph.nodes
                            if n.op == "call_function" and layer_path(module_path(n)))
     tokens = _token_input(gm)
     if tokens is None:
-        raise SeqparError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
-                          "call the model with input_ids")
+        raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
+                         "inputs_embeds is not supported. Fix: call the model with input_ids")
     ctx.batch, ctx.seq_len = tokens.meta["val"].shape[:2]
     return gm
 

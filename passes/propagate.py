@@ -17,7 +17,7 @@ from torch.fx import Node
 from sp_compiler.context import PLACEMENT, Demand
 from sp_compiler.errors import module_path
 from sp_compiler.strategies import layer_path
-from sp_compiler.placements import Replicate, is_partial
+from sp_compiler.placements import Replicate, is_partial, is_shard
 from sp_compiler.rules import TRANSPARENT, map_through, rule_for, shape_of
 
 __all__ = ["propagate", "placement_of"]
@@ -43,10 +43,24 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             for src, want in {**entry, **decision.wants}.items():
                 _want(ctx, node, src, want, decision.group)
         elif node.op == "output":
-            for out in node.all_input_nodes:                         # every rank returns the full result
-                if shape_of(out) is not None:
-                    _want(ctx, node, out, Replicate(), None)
+            ctx.outputs = []
+            for out in torch.utils._pytree.tree_leaves(node.args[0]):
+                if isinstance(out, Node) and shape_of(out) is not None:
+                    want = _output_placement(placement_of(out), ctx)
+                    _want(ctx, node, out, want, None)
+                    ctx.outputs.append((want, shape_of(out)))
+                else:
+                    ctx.outputs.append((None, None))
     return gm
+
+
+def _output_placement(p, ctx):
+    """outputs='replicate': every rank returns the whole result. outputs='local': a sharded output
+    stays where it was computed (``backend.output_layout`` says which rows each rank holds); only a
+    partial sum is completed."""
+    if ctx.options.outputs == "local" and is_shard(p):
+        return p
+    return Replicate()
 
 
 def _layer_entry(node, ctx) -> dict:

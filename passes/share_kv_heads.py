@@ -1,4 +1,4 @@
-"""share_kv_heads: tensor parallelism with fewer KV heads than ranks (N % Hkv == 0).
+"""share_kv_heads: fewer KV heads than ranks (N % Hkv == 0), for tensor parallelism and Ulysses.
 
 Also where head counts that cannot be split are refused, naming them, before any pass
 fails on a view deep inside attention.
@@ -35,6 +35,9 @@ def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     changed = False
     for attn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ATTENTION_OPS]:
         strategy = ctx.strategy_for(attn)
+        if strategy.attention == "heads" and strategy.attn_weights != "tp":
+            changed |= _repeat_grouped_kv(gm, attn, ctx)
+            continue
         if strategy.attn_weights != "tp":
             continue
         q, k, _, _ = attention_inputs(attn)
@@ -59,6 +62,41 @@ def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs]
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     return gm
+
+
+def _repeat_grouped_kv(gm, attn, ctx) -> bool:
+    """Ulysses on a kernel that takes grouped K/V heads (no repeat_kv in the graph) with fewer KV heads
+    than ranks: repeat each KV head N/Hkv times right before attention, so rank r receives KV head
+    r // (N/Hkv), the one its H/N query heads use. The cache keeps the model's Hkv heads.
+
+        attention(q [B,H,S,D], k [B,Hkv,S,D], v)  ->  attention(q, repeat_interleave(k, N/Hkv, 1), ..)
+    """
+    N = ctx.world
+    q, k, v, _ = attention_inputs(attn)
+    H, hkv = shape_of(q)[1], shape_of(k)[1]
+    if hkv % N == 0 or N % hkv or H % N or H == hkv:
+        return False
+    for x in (k, v):
+        with gm.graph.inserting_before(attn):
+            wide = gm.graph.call_function(aten.repeat_interleave.self_int, (x, N // hkv, 1))
+        wide.meta.update({key: val for key, val in x.meta.items() if key != "val"})
+        attn.replace_input_with(x, wide)
+    gm.recompile()
+    return True
+
+
+def _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep):
+    """The KV cache (a graph output on the widened path) goes back to the model's Hkv heads:
+
+        out = k [B, N, S, D]   ->   out = k[:, ::N/Hkv]  [B, Hkv, S, D]
+    """
+    path = set(_kv_path(gm, attn, placeholders, ctx))
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    for o in [a for a in output.all_input_nodes if a in path]:
+        with gm.graph.inserting_before(output):
+            cut = gm.graph.call_function(aten.slice.Tensor, (o, 1, 0, 9223372036854775807, rep))
+        cut.meta.update({k: v for k, v in o.meta.items() if k != "val"})
+        output.replace_input_with(o, cut)
 
 
 def _kv_projections(gm, attn, placeholders, ctx):
@@ -95,10 +133,13 @@ def _kv_heads(gm, attn, placeholders, ctx, D):
 
 def _widen(gm, attn, placeholders, ctx, hkv, H, D):
     N, rep = ctx.world, ctx.world // hkv
+    def widen(w):                                                     # each KV head repeated N/Hkv times
+        return w.detach().reshape(hkv, D, *w.shape[1:]).repeat_interleave(rep, dim=0).reshape(N * D, *w.shape[1:])
+
     for i in _kv_projections(gm, attn, placeholders, ctx):
-        w = ctx.example_inputs[i]
-        wide = w.detach().reshape(hkv, D, *w.shape[1:]).repeat_interleave(rep, dim=0).reshape(N * D, *w.shape[1:])
-        ctx.example_inputs[i] = wide
+        ctx.example_inputs[i] = widen(ctx.example_inputs[i])
+        ctx.widen[i] = widen
+    _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep)
     for n in _kv_path(gm, attn, placeholders, ctx):                  # sizes between projection and attention
         if n.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) \
                 and n.args[1][-1] == hkv * D:

@@ -4,13 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from .errors import OptionsError, SeqparError
-from .strategies import IMPLEMENTED, STRATEGIES, LayerPlan
+from .errors import OptionsError
+from .strategies import STRATEGIES, LayerPlan
 
-__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS"]
+__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS", "OUTPUTS", "BUCKET_MODES"]
 
 STRATEGY_NAMES = tuple(STRATEGIES) + ("auto",)
 LOWERINGS = ("inductor", "aot_eager", "eager")
+OUTPUTS = ("replicate", "local")
+BUCKET_MODES = ("auto", "exact")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class Options:
     layers: Mapping[str, str] = field(default_factory=dict)
     dump_dir: Optional[str] = None
     lower: str = "inductor"
+    outputs: str = "replicate"          # every rank returns whole outputs | each its own shard
+    buckets: object = "auto"            # lengths per compile, when Dynamo hands a symbolic graph
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -33,6 +37,12 @@ class Options:
             opts._check_strategy(name, f"layers[{pattern!r}]")
         if opts.lower not in LOWERINGS:
             raise OptionsError(f"lower={opts.lower!r} is not valid; choose one of {list(LOWERINGS)}")
+        if opts.outputs not in OUTPUTS:
+            raise OptionsError(f"outputs={opts.outputs!r} is not valid; choose one of {list(OUTPUTS)}")
+        if not (opts.buckets in BUCKET_MODES or (isinstance(opts.buckets, (list, tuple)) and opts.buckets
+                                                 and all(isinstance(b, int) and b > 0 for b in opts.buckets))):
+            raise OptionsError(f"buckets={opts.buckets!r} is not valid; choose one of {list(BUCKET_MODES)} or give "
+                               f"a list of positive prompt lengths, e.g. [1024, 2048, 4096]")
         if not isinstance(opts.layers, Mapping):
             raise OptionsError(f"layers must be a dict of module-path pattern -> strategy, got {opts.layers!r}")
         if "auto" in dict(opts.layers).values():
@@ -51,6 +61,3 @@ class Options:
     def _check_strategy(name, where):
         if name not in STRATEGY_NAMES:
             raise OptionsError(f"{where}={name!r} is not a strategy; choose one of {list(STRATEGY_NAMES)}")
-        if name not in IMPLEMENTED and name != "auto":
-            raise SeqparError(f"{where}={name!r} is a planned strategy that this build does not implement yet; "
-                              f"implemented: {list(IMPLEMENTED)}")

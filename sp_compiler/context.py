@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from .config import Options
 from .errors import ShapeConstraintError, module_path
-from .placements import Replicate, make_shard
+from .placements import Layout, Replicate, is_shard, local_shape, make_shard, split_factor
 from .strategies import STRATEGIES, Strategy, layer_path
 
 __all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "layer_of"]
@@ -46,9 +46,16 @@ class PassContext:
     batch: int = 1
     seq_len: int = 0
     local_inputs: Dict[int, torch.Tensor] = field(default_factory=dict)   # pre-sliced weights
+    sliced: Dict[int, object] = field(default_factory=dict)               # their placements
+    widen: Dict[int, Callable] = field(default_factory=dict)               # full weight -> the one sliced
     pending: Dict[tuple, Demand] = field(default_factory=dict)            # (user, src) -> Demand
     collectives: List[dict] = field(default_factory=list)                 # one row per inserted collective
     attention_work: Optional[dict] = None                                 # rows attention: work per rank
+    outputs: List[tuple] = field(default_factory=list)                    # per graph output: (placement, global shape)
+    real_len: bool = False                                                # bucketed: the graph takes the prompt length
+
+    def __post_init__(self):
+        self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
 
     @property
     def strategy(self) -> Strategy:
@@ -63,6 +70,18 @@ class PassContext:
     def zigzag(self) -> bool:
         """The sequence layout is global: zig-zag if any layer runs vanilla_sp_zigzag."""
         return any(STRATEGIES[n].zigzag for n in (self.options.strategy, *dict(self.options.layers).values()))
+
+    def layout(self, size: int) -> Layout:
+        """How a sharded dim of global ``size`` is cut over the ranks. Zig-zag applies to the
+        sequence only: a dim of another size (heads of a 'tp' layer) is cut in rank order."""
+        return Layout(size, self.world, self.zigzag and size == self.seq_len)
+
+    def local_shape(self, shape, p) -> tuple:
+        """This rank's shape of a tensor of global ``shape`` placed ``p``."""
+        if not is_shard(p):
+            return tuple(shape)
+        sf = split_factor(p)
+        return local_shape(shape, p, self.world, self.rank, self.zigzag and shape[p.dim] // sf == self.seq_len)
 
     def strategy_at(self, layer: Optional[str]) -> Strategy:
         return STRATEGIES[self.options.plan.strategy_name(layer)]

@@ -4,7 +4,7 @@
                 factor: all_reduce 2(N-1)/N; all_gather, reduce_scatter, all_to_all (N-1)/N
                 bytes:  the NCCL-tests "size" of the call (what ``ctx.collectives`` rows hold)
     mm / bmm    flops = 2*M*K*N                                  (per batch for bmm)
-    attention   flops = 4*B*H*Sq*Sk*D * causal fraction          (aten._scaled_dot_product_*)
+    attention   flops = 4*B*H*Sq*Sk*D * causal fraction          (``sdpa.OPS``, arguments read by name)
     other ops   bytes = sum of input and output tensor bytes     (views, waits, getitem: 0)
     every node  t = max(flops / peak_flops, bytes / mem_bw)
     fusion      (default) a connected run of memory-bound ops is one kernel: it reads what
@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import sdpa
 from .context import layer_of
 from .errors import SeqparError
 
@@ -162,16 +163,6 @@ def _nbytes(t: torch.Tensor, scale: float) -> float:
     return n * scale if t.dtype.is_floating_point else n
 
 
-def _bound_args(node) -> dict:
-    """Argument name -> value, from the op's schema (positional and keyword)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return dict(node.kwargs)
-    out = {a.name: v for a, v in zip(schema.arguments, node.args)}
-    out.update(node.kwargs)
-    return out
-
-
 def _causal_fraction(sq: int, sk: int, zigzag: bool) -> float:
     """Share of the Sq x Sk score matrix a causal kernel computes, on the slowest rank.
 
@@ -191,13 +182,12 @@ def node_flops(node, zigzag: bool = False) -> float:
             [n.meta["val"] for n in node.args[:2]]
         batch = a.shape[0] if a.dim() == 3 else 1
         return 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-    if "scaled_dot_product" in name:
-        args = _bound_args(node)
-        q, k = args["query"].meta["val"], args["key"].meta["val"]
+    if sdpa.is_attention(node):
+        call = sdpa.bind(node)
+        q, k = call.q.meta["val"], call.k.meta["val"]
         b, h, sq, d = q.shape[0], q.shape[1], q.shape[-2], q.shape[-1]
         sk = k.shape[-2]
-        mask = args.get("attn_mask", args.get("attn_bias"))
-        causal = bool(args.get("is_causal")) or mask is not None
+        causal = call.is_causal or call.mask is not None
         frac = _causal_fraction(sq, sk, zigzag) if causal else 1.0
         return 4.0 * b * h * sq * sk * d * frac
     return 0.0
@@ -240,7 +230,7 @@ def node_kind(node) -> str:
     """'compute' (matmul, attention), 'gather' (embedding, index), 'comm' (collectives and waits),
     'view' (no data movement), or 'fusible' (pointwise, reductions, copies, cat, ...)."""
     name = _op_name(node)
-    if name in ("mm", "bmm", "addmm", "baddbmm") or "scaled_dot_product" in name:
+    if name in ("mm", "bmm", "addmm", "baddbmm") or sdpa.is_attention(node):
         return "compute"
     if name in _GATHER:
         return "gather"
@@ -509,47 +499,40 @@ def _compute_rates(threads: int = 1) -> dict:
 _CAL_SIZES = (1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)        # bytes per rank buffer
 
 
-def _calibrate_rank(rank: int, world: int, init_file: str, out_file: str, sizes=_CAL_SIZES) -> None:
-    """One calibration rank: time gloo collectives; rank 0 also times compute and writes the JSON."""
+def _calibrate_rank(sizes=_CAL_SIZES) -> Optional[dict]:
+    """One calibration rank (gloo is up): time gloo collectives; rank 0 also times compute and returns the
+    profile (with the samples) as a dict, the others None."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        samples = []
-        for nbytes in sizes:
-            numel = nbytes // 4
-            full = torch.randn(numel)
-            part = torch.empty(numel // world)
-            calls = {
-                "all_reduce": lambda: dist.all_reduce(full),
-                "all_gather": lambda: dist.all_gather_single(full, part),
-                "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full),
-            }
-            reps = 20 if nbytes <= (1 << 20) else 4
-            for kind, call in calls.items():
-                def loop(call=call):                  # back to back: blocking calls pace each other
-                    dist.barrier()
-                    for _ in range(reps):
-                        call()
-                t = (_median_time(loop, 5) - _median_time(dist.barrier, 5)) / reps
-                samples.append({"kind": kind, "bytes": nbytes, "seconds": max(t, 0.0)})
-        dist.barrier()
-        if rank == 0:
-            latency, bw = fit_latency_bw([(r["bytes"] * RING_FACTORS[r["kind"]](world), r["seconds"])
-                                          for r in samples])
-            rates = _compute_rates(1)
-            prof = MachineProfile(CPU_PROFILE, link_bw=bw, link_latency_s=latency, peak_flops=rates["peak_flops"],
-                                  mem_bw=rates["mem_bw"], dtype="float32",
-                                  source=f"seqpar calibrate: {world} gloo ranks on 127.0.0.1, 1 thread each; "
-                                         f"fp32 1024^3 matmul; 32 MiB add")
-            with open(out_file, "w") as f:
-                json.dump({**asdict(prof), "samples": samples}, f, indent=1)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    samples = []
+    for nbytes in sizes:
+        numel = nbytes // 4
+        full = torch.randn(numel)
+        part = torch.empty(numel // world)
+        calls = {
+            "all_reduce": lambda: dist.all_reduce(full),
+            "all_gather": lambda: dist.all_gather_single(full, part),
+            "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full),
+        }
+        reps = 20 if nbytes <= (1 << 20) else 4
+        for kind, call in calls.items():
+            def loop(call=call):                  # back to back: blocking calls pace each other
+                dist.barrier()
+                for _ in range(reps):
+                    call()
+            t = (_median_time(loop, 5) - _median_time(dist.barrier, 5)) / reps
+            samples.append({"kind": kind, "bytes": nbytes, "seconds": max(t, 0.0)})
+    dist.barrier()
+    if rank != 0:
+        return None
+    latency, bw = fit_latency_bw([(r["bytes"] * RING_FACTORS[r["kind"]](world), r["seconds"]) for r in samples])
+    rates = _compute_rates(1)
+    prof = MachineProfile(CPU_PROFILE, link_bw=bw, link_latency_s=latency, peak_flops=rates["peak_flops"],
+                          mem_bw=rates["mem_bw"], dtype="float32",
+                          source=f"seqpar calibrate: {world} gloo ranks on 127.0.0.1, 1 thread each; "
+                                 f"fp32 1024^3 matmul; 32 MiB add")
+    return {**asdict(prof), "samples": samples}
 
 
 def calibrate(path: Optional[str] = None, world: int = 2, sizes=_CAL_SIZES) -> MachineProfile:
@@ -559,22 +542,15 @@ def calibrate(path: Optional[str] = None, world: int = 2, sizes=_CAL_SIZES) -> M
     cost removed), fits latency + bytes * factor / bw, and times a 1024^3 fp32 matmul and a 32 MiB
     add on one thread (the validation runs use one thread per rank).
     """
-    import tempfile
-
-    import torch.multiprocessing as mp
+    from .testing import RankError, run_ranks
 
     path = path or calibration_path()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="seqpar-cal-") as tmp:
-        out = os.path.join(tmp, "profile.json")
-        try:
-            mp.spawn(_calibrate_rank, args=(world, os.path.join(tmp, "init"), out, tuple(sizes)), nprocs=world,
-                     join=True)
-        except Exception as e:  # noqa: BLE001 - rethrown typed, with the cause
-            raise ProfileError(f"calibration over {world} gloo processes failed: {e}. Fix: check that "
-                               f"127.0.0.1 works for gloo (GLOO_SOCKET_IFNAME=lo)") from e
-        with open(out) as f:
-            values = json.load(f)
+    try:
+        values = run_ranks(_calibrate_rank, world, tuple(sizes), timeout=1800)[0]
+    except RankError as e:
+        raise ProfileError(f"calibration over {world} gloo processes failed: {e}. Fix: check that "
+                           f"127.0.0.1 works for gloo (GLOO_SOCKET_IFNAME=lo)") from e
     with open(path, "w") as f:
         json.dump(values, f, indent=1)
     prof = load_calibration(path)

@@ -5,6 +5,8 @@
     dump_dir/rank{R}/graph{K}/collectives.txt   one row per collective + a per-layer summary
     dump_dir/rank{R}/graph{K}/collectives.json
     dump_dir/rank{R}/graph{K}/attention_work.txt    vanilla SP: causal score entries per rank
+    dump_dir/rank{R}/graph{K}/outputs.txt       where each output lives on this rank (``outputs="local"``)
+    dump_dir/rank{R}/graph{K}/memory.txt        the largest tensors this rank's graph makes
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from tabulate import tabulate
 
 from .context import PLACEMENT
 from .errors import module_path
-from .placements import fmt
+from .placements import fmt, is_shard, split_factor
 
-__all__ = ["format_graph", "collective_table", "layer_summary", "attention_work_table", "GraphDumper"]
+__all__ = ["format_graph", "collective_table", "layer_summary", "attention_work_table", "layout_of", "layout_table",
+           "largest_intermediates", "memory_table",
+           "GraphDumper"]
 
 _counter = itertools.count()
 
@@ -94,6 +98,49 @@ def attention_work_table(work) -> str:
             + f"\nmax / mean = {max(per_rank) / mean:.3f}\n")
 
 
+def largest_intermediates(gm: torch.fx.GraphModule, k: int = 5) -> list:
+    """The ``k`` largest tensors this rank's local graph makes (weights and inputs left out):
+    (node, shape, dtype, bytes, module), largest first. What grows with the prompt shows here."""
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        vals = n.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else [vals]:
+            if isinstance(v, torch.Tensor):
+                rows.append((n.name, list(v.shape), str(v.dtype).replace("torch.", ""),
+                             v.numel() * v.element_size(), module_path(n)))
+    return sorted(rows, key=lambda r: -r[3])[:k]
+
+
+def memory_table(gm: torch.fx.GraphModule) -> str:
+    return "largest intermediates on this rank:\n" + tabulate(
+        largest_intermediates(gm), headers=["node", "shape", "dtype", "bytes", "module"], intfmt=",") + "\n"
+
+
+def layout_of(ctx) -> list:
+    """Per graph output: its placement on this rank and, when sharded, the global rows this rank holds
+    (``[start, length]`` per chunk; two chunks, r and 2N-1-r, under zig-zag)."""
+    rows = []
+    for i, (p, gshape) in enumerate(ctx.outputs):
+        if p is None:
+            rows.append({"output": i, "placement": "-"})
+            continue
+        row = {"output": i, "placement": fmt(p), "global_shape": list(gshape),
+               "local_shape": list(ctx.local_shape(gshape, p))}
+        if is_shard(p):
+            lay = ctx.layout(gshape[p.dim] // split_factor(p))
+            row.update(dim=p.dim, layout="zig-zag" if lay.zigzag else "contiguous",
+                       rows=[list(span) for span in lay.spans(ctx.rank)])
+        rows.append(row)
+    return rows
+
+
+def layout_table(layout) -> str:
+    cols = ["output", "placement", "global_shape", "local_shape", "dim", "layout", "rows"]
+    return tabulate([[r.get(c, "") for c in cols] for r in layout], headers=cols) + "\n"
+
+
 class GraphDumper:
     """Writes one compiled graph's files; ``None`` dump_dir makes every call a no-op."""
 
@@ -113,6 +160,7 @@ class GraphDumper:
             self.write("before.txt", format_graph(gm))
         elif pass_name == "check_local_shapes":
             self.write("after.txt", format_graph(gm))
+            self.write("memory.txt", memory_table(gm))
 
     def attention_work(self, work):
         if work is not None:

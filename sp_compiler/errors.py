@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["SeqparError", "OptionsError", "ShardingError", "UnsupportedOpError", "ShapeConstraintError", "module_path"]
+__all__ = ["SeqparError", "OptionsError", "InputError", "ShardingError", "UnsupportedOpError", "ShapeConstraintError", "module_path"]
 
 
 class SeqparError(RuntimeError):
@@ -12,6 +12,10 @@ class SeqparError(RuntimeError):
 
 class OptionsError(SeqparError, ValueError):
     """An unknown option name or value; the message lists the valid ones."""
+
+
+class InputError(SeqparError, ValueError):
+    """A call's inputs do not fit together (lengths, devices); the message names the input."""
 
 
 def module_path(node) -> str:

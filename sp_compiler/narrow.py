@@ -80,7 +80,7 @@ def _arg(b, a, out_ndim, dim, slice_fn, memo):
 
 
 def _local_sizes(b, sizes, dim, shape):
-    sizes[dim] = shape[dim] // b.ctx.world
+    sizes[dim] = b.ctx.layout(shape[dim]).local_size(b.ctx.rank)
     return sizes
 
 

@@ -14,14 +14,15 @@ Placements of multi-output nodes are tuples; non-tensor nodes have ``None``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = [
     "Partial", "Placement", "Replicate", "Shard", "_StridedShard",
     "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate",
-    "make_shard", "with_dim", "local_shape", "fmt",
+    "make_shard", "with_dim", "local_shape", "fmt", "Layout",
 ]
 
 
@@ -56,11 +57,71 @@ def with_dim(p, dim: int) -> Placement:
     return make_shard(dim, split_factor(p))
 
 
-def local_shape(shape: Sequence[int], p, world: int) -> tuple:
-    """Shape of one rank's piece of a tensor of global ``shape`` under ``p``."""
+@dataclass(frozen=True)
+class Layout:
+    """Which rows of a sharded dim of ``size`` each of ``world`` ranks holds.
+
+    The dim is cut into ``world`` chunks (``2 * world`` with zig-zag, rank r holding chunks r
+    and 2N-1-r) of balanced sizes, as ``numpy.array_split`` cuts them: the first ``size % n``
+    chunks get one row more. A length that N does not divide is therefore fine: chunks differ
+    by at most one row, and collectives pad every chunk to ``pad`` rows on the wire and drop
+    the padding on arrival (``sp_compiler.collectives``)::
+
+        size 10, world 4          chunks [0:3] [3:6] [6:8] [8:10]    pad 3
+        size 10, world 2, zigzag  chunks [0:3] [3:6] [6:8] [8:10]    rank 0: 0, 3   rank 1: 1, 2
+    """
+    size: int
+    world: int
+    zigzag: bool = False
+
+    @property
+    def n_chunks(self) -> int:
+        return 2 * self.world if self.zigzag else self.world
+
+    @property
+    def per_rank(self) -> int:
+        return 2 if self.zigzag else 1
+
+    @property
+    def pad(self) -> int:
+        """Rows of the largest chunk: every chunk travels padded to this."""
+        return -(-self.size // self.n_chunks)
+
+    @property
+    def plain(self) -> bool:
+        """Equal chunks in rank order: collectives need no padding and no reordering."""
+        return not self.zigzag and self.size % self.world == 0
+
+    def span(self, c: int) -> Tuple[int, int]:
+        """(global start, length) of chunk ``c``."""
+        base, rem = divmod(self.size, self.n_chunks)
+        return c * base + min(c, rem), base + (c < rem)
+
+    def chunk_ids(self, rank: int) -> Tuple[int, ...]:
+        return (rank, 2 * self.world - 1 - rank) if self.zigzag else (rank,)
+
+    def spans(self, rank: int) -> List[Tuple[int, int]]:
+        """(global start, length) of each chunk ``rank`` holds, in local order."""
+        return [self.span(c) for c in self.chunk_ids(rank)]
+
+    def local_size(self, rank: int) -> int:
+        return sum(n for _, n in self.spans(rank))
+
+    def owner(self, c: int) -> Tuple[int, int]:
+        """(rank, index among that rank's chunks) of chunk ``c``."""
+        for r in range(self.world):
+            if c in self.chunk_ids(r):
+                return r, self.chunk_ids(r).index(c)
+        raise ValueError(f"chunk {c} is not in a layout of {self.n_chunks} chunks")
+
+
+def local_shape(shape: Sequence[int], p, world: int, rank: int = 0, zigzag: bool = False) -> tuple:
+    """Shape of ``rank``'s piece of a tensor of global ``shape`` under ``p``. Under S(d, sf=k)
+    each of the k blocks of dim d is split on its own."""
     shape = list(shape)
     if is_shard(p):
-        shape[p.dim] //= world
+        sf = split_factor(p)
+        shape[p.dim] = sf * Layout(shape[p.dim] // sf, world, zigzag).local_size(rank)
     return tuple(shape)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,10 +30,10 @@ import torch.distributed as dist
 from .cost_model import Prediction, get_profile, predict
 from .errors import SeqparError
 from .strategies import STRATEGIES
+from .testing import error_line, fake_process_group, seqpar_error
 
-__all__ = ["PlanError", "FakeModel", "build_fake_model", "fake_process_group", "transform", "plan", "choose",
-           "dump", "error_reason", "seqpar_cause", "dynamo_graph",
-           "ranks_to_price", "find_crossover"]
+__all__ = ["PlanError", "FakeModel", "build_fake_model", "as_rank", "transform", "plan", "choose", "price_strategies",
+           "best_of", "dump", "dynamo_graph", "ranks_to_price", "find_crossover"]
 
 
 class PlanError(SeqparError):
@@ -81,26 +82,21 @@ def build_fake_model(config, *, layers: int = 2, dtype: torch.dtype = torch.floa
 
 
 @contextlib.contextmanager
-def fake_process_group(world: int, rank: int):
+def as_rank(world: int, rank: int):
     """Be rank ``rank`` of ``world`` for the duration: a fake process group, created and destroyed
     here when none exists; an existing group is used as is when its world and rank match."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if not 0 <= rank < world:
         raise PlanError(f"rank {rank} is not in a world of {world} ranks (0..{world - 1})")
-    if dist.is_initialized():
-        have = (dist.get_world_size(), dist.get_rank())
-        if have != (world, rank):
-            raise PlanError(f"a process group of {have[0]} ranks (this is rank {have[1]}) is already initialised; "
-                            f"planning for world={world} rank={rank} needs a process without one, or "
-                            f"world={have[0]} rank={have[1]}")
-        yield
+    if not dist.is_initialized():
+        with fake_process_group(world, rank):
+            yield
         return
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    have = (dist.get_world_size(), dist.get_rank())
+    if have != (world, rank):
+        raise PlanError(f"a process group of {have[0]} ranks (this is rank {have[1]}) is already initialised; "
+                        f"planning for world={world} rank={rank} needs a process without one, or "
+                        f"world={have[0]} rank={have[1]}")
+    yield
 
 
 def _check_seq_len(config, seq_len: int, batch: int):
@@ -111,20 +107,6 @@ def _check_seq_len(config, seq_len: int, batch: int):
     if limit is not None and seq_len > limit:
         raise PlanError(f"seq_len={seq_len} exceeds {type(config).__name__}'s {limit} learned positions; "
                         f"use seq_len <= {limit}")
-
-
-def seqpar_cause(exc: BaseException) -> Optional[SeqparError]:
-    """The SeqparError inside ``exc`` (Dynamo wraps backend errors in BackendCompilerFailed), else None."""
-    seen = exc
-    while seen is not None and not isinstance(seen, SeqparError):
-        seen = getattr(seen, "inner_exception", None) or seen.__cause__
-    return seen
-
-
-def error_reason(exc: BaseException) -> Optional[str]:
-    """The SeqparError inside ``exc`` as 'Type: message' on one line, else None."""
-    cause = seqpar_cause(exc)
-    return f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else None
 
 
 def dynamo_graph(fm: FakeModel, batch: int, seq_len: int):
@@ -189,7 +171,7 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
     _check_seq_len(config, seq_len, batch)
     fm = model or build_fake_model(config, layers=layers, dtype=dtype)
     try:
-        with fake_process_group(world, rank):
+        with as_rank(world, rank):
             if compile:
                 _compile_seqpar(fm, strategy, batch, seq_len)
             else:
@@ -198,7 +180,7 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
                     backend.seqpar_backend(dgm, inputs, options={"strategy": strategy, "lower": "eager"})
             gm, ctx = backend.last_graph()
     except Exception as e:
-        cause = seqpar_cause(e)
+        cause = seqpar_error(e)
         if cause is None or cause is e:
             raise
         raise cause from e                                       # the engine's own typed error
@@ -224,45 +206,86 @@ def ranks_to_price(strategy: str, world: int) -> tuple:
     return (0,)
 
 
+def price_strategies(captured, example_inputs, fqns, options, world: int, machine, *, num_layers: int,
+                     strategies: Optional[Sequence[str]] = None, group=None, real_len: bool = False,
+                     fusion: bool = True) -> List[Prediction]:
+    """One Prediction per strategy (its slowest rank among ``ranks_to_price``), in ``STRATEGIES`` order,
+    each from the seqpar pipeline run on a copy of one captured ATen graph; illegal strategies carry
+    ``error`` (the engine's reason). ``strategy="auto"`` and ``seqpar plan`` both choose from this."""
+    from passes import copy_graph, run_pipeline
+
+    from .context import PassContext
+
+    machine = get_profile(machine)
+    out = []
+    for name in _strategies(strategies):
+        trial = dataclasses.replace(options, strategy=name, dump_dir=None)
+        try:
+            preds = []
+            for rank in ranks_to_price(name, world):
+                ctx = PassContext(trial, world, rank, group, list(example_inputs), list(fqns), real_len=real_len)
+                local = run_pipeline(copy_graph(captured), ctx)
+                preds.append(predict(local, ctx, machine, num_layers, fusion))
+            out.append(max(preds, key=lambda p: p.total_s))
+        except SeqparError as e:
+            batch, seq_len = _prompt_shape(example_inputs, fqns)
+            out.append(Prediction(name, machine.name, world, batch, seq_len, num_layers, error=error_line(e)))
+    return out
+
+
+def _prompt_shape(example_inputs, fqns):
+    ids = next((x for x, f in zip(example_inputs, fqns) if f is None and isinstance(x, torch.Tensor)
+                and x.dim() == 2), None)
+    return tuple(ids.shape) if ids is not None else (0, 0)
+
+
+def best_of(preds: Sequence[Prediction], world: int) -> str:
+    """The fastest legal strategy; ties go to the earlier one in STRATEGIES."""
+    legal = [p for p in preds if p.ok]
+    if not legal:
+        reasons = "; ".join(f"{p.strategy}: {p.error}" for p in preds)
+        raise PlanError(f"no strategy can run this model on {world} ranks: {reasons}")
+    return min(legal, key=lambda p: p.total_s).strategy
+
+
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
          strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True) -> List[Prediction]:
     """One Prediction per strategy (its slowest rank), in ``STRATEGIES`` order; illegal ones carry
-    ``error`` (the engine's reason).
+    ``error`` (the engine's reason). Dynamo traces the weightless model once and seqpar captures it
+    once; every strategy's pipeline then runs on a copy (``price_strategies``).
 
     The model is built in the machine's dtype (bf16 for GPU profiles, fp32 for cpu-gloo), so the
     collective bytes are that dtype's.
     """
+    from passes import capture_graph
+
+    from .backend import input_fqns
+    from .config import Options
+
     machine = get_profile(machine)
     names = _strategies(strategies)
     _check_seq_len(config, seq_len, batch)
     fm = build_fake_model(config, layers=layers, dtype=machine.torch_dtype)
-    out = []
-    for name in names:
-        try:
-            preds = []
-            for rank in ranks_to_price(name, world):
-                gm, ctx = transform(config, strategy=name, world=world, rank=rank, batch=batch, seq_len=seq_len,
-                                    model=fm)
-                preds.append(predict(gm, ctx, machine, config.num_hidden_layers, fusion))
-            out.append(max(preds, key=lambda p: p.total_s))
-        except SeqparError as e:
-            out.append(Prediction(name, machine.name, world, batch, seq_len, config.num_hidden_layers,
-                                  error=error_reason(e)))
-    return out
+    with as_rank(world, 0):
+        dgm, inputs = dynamo_graph(fm, batch, seq_len)
+        fqns = input_fqns(dgm)
+        with torch.no_grad():
+            captured = capture_graph(dgm, inputs)
+            return price_strategies(captured, inputs, fqns, Options(lower="eager"), world, machine,
+                                    num_layers=config.num_hidden_layers, strategies=names,
+                                    group=dist.group.WORLD.group_name, fusion=fusion)
 
 
 def choose(config, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
            strategies: Optional[Sequence[str]] = None, fusion: bool = True
            ) -> Tuple[str, Dict[str, Prediction]]:
     """(fastest legal strategy, {strategy: Prediction}); ties go to the earlier strategy in STRATEGIES."""
-    preds = {p.strategy: p for p in plan(config, world=world, seq_len=seq_len, batch=batch, machine=machine,
-                                         strategies=strategies, fusion=fusion)}
-    legal = [p for p in preds.values() if p.ok]
-    if not legal:
-        reasons = "; ".join(f"{p.strategy}: {p.error}" for p in preds.values())
-        raise PlanError(f"no strategy can run this model on {world} ranks at seq_len={seq_len}: {reasons}")
-    best = min(legal, key=lambda p: p.total_s)
-    return best.strategy, preds
+    preds = plan(config, world=world, seq_len=seq_len, batch=batch, machine=machine, strategies=strategies,
+                 fusion=fusion)
+    try:
+        return best_of(preds, world), {p.strategy: p for p in preds}
+    except PlanError as e:
+        raise PlanError(f"{e} (seq_len={seq_len})") from None
 
 
 def find_crossover(config, world: int, machine="h100-nvlink", *, lo: int = 256, hi: int = 16384,
@@ -287,11 +310,11 @@ def dump(config, strategy: str, world: int, rank: int, seq_len: int, out_dir: st
     """Write rank ``rank``'s transformed graph, its collectives and its predicted cost into ``out_dir``.
 
     Files: graph.txt (format_graph), collectives.txt (collective_table + layer_summary),
-    collectives.json, cost.txt (the Prediction). Returns their paths.
+    collectives.json, cost.txt (the Prediction), memory.txt (the largest intermediates). Returns their paths.
     """
     import json
 
-    from .dump import collective_table, format_graph, layer_summary
+    from .dump import collective_table, format_graph, layer_summary, memory_table
 
     machine = get_profile(machine)
     gm, ctx = transform(config, strategy=strategy, world=world, rank=rank, batch=batch, seq_len=seq_len,
@@ -307,6 +330,7 @@ def dump(config, strategy: str, world: int, rank: int, seq_len: int, out_dir: st
         + layer_summary(ctx.collectives),
         "collectives.json": json.dumps(ctx.collectives, indent=1, default=str),
         "cost.txt": header + "\n".join(f"{k}: {v}" for k, v in pred.as_dict().items()) + "\n",
+        "memory.txt": header + memory_table(gm),
     }
     paths = []
     for name, text in files.items():

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.fx import Node
 
+from . import sdpa
 from .errors import ShardingError, UnsupportedOpError
 from .placements import (
     Partial, Replicate, Shard, fmt, is_partial, is_replicate, is_shard, make_shard,
@@ -33,7 +34,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "Decision", "RULES", "TRANSPARENT", "ATTENTION_OPS", "rule_for", "map_through", "view_map",
-    "shape_of", "tensor_inputs", "attention_inputs",
+    "shape_of", "tensor_inputs", "attention_inputs", "kept_rows",
 ]
 
 
@@ -79,6 +80,10 @@ def view_map(src: tuple, dst: tuple, p, world: int):
     factor, Q the rest. A dst dim e (outer size A, size E) keeps the sharding when A | P and,
     with m = E / (P/A), either e holds all of M (M | m) or the outer part of M in N-aligned
     chunks (m | M and N | m). The new split factor is P / A.
+
+    Sound but not complete: a None where some placement would fit (e.g. (6, 2) S(0) -> (4, 3),
+    where each rank holds whole rows) only costs a gather (tests/unit/test_view_map.py checks
+    that no answer is ever wrong).
     """
     if not is_shard(p):
         return p
@@ -202,6 +207,43 @@ def _transparent_rule(node, ctx, P):
     return Decision(out)
 
 
+def kept_rows(node):
+    """(dim, source) when ``node`` keeps some rows of a dim: ``x[:, a:b]`` (slice) or
+    ``x[:, idx]`` (index with one 1-D index tensor), as ``logits_to_keep`` does; else None."""
+    if node.target not in (aten.slice.Tensor, aten.index.Tensor) or shape_of(node.args[0]) is None:
+        return None
+    x = node.args[0]
+    nd = len(shape_of(x))
+    if node.target == aten.slice.Tensor:
+        return _norm(node.args[1] if len(node.args) > 1 else 0, nd), x
+    if node.target == aten.index.Tensor:
+        idx = node.args[1]
+        at = [i for i, t in enumerate(idx) if t is not None]
+        if len(at) == 1 and isinstance(idx[at[0]], Node) and len(shape_of(idx[at[0]]) or ()) == 1:
+            return at[0], x
+    return None
+
+
+def _keep_rows_rule(node, ctx, P):
+    """Rows kept from a sequence-sharded tensor (``hidden[:, -1:]`` for ``logits_to_keep=1``):
+
+        x: S(1) [B, S, H] -> x[:, idx]: P [B, k, H]     each rank fills the kept rows it holds, zeros
+                                                      elsewhere (``collectives.gather_rows``)
+
+    so only k rows are ever communicated (one all_reduce of [B, k, H] before the lm_head), never
+    the whole sequence."""
+    dim, x = kept_rows(node) or (None, node.args[0])
+    p = P(x)
+    if dim is not None and is_shard(p) and p.dim == dim and shape_of(node)[dim] != shape_of(x)[dim]:
+        if split_factor(p) == 1:
+            idx = node.args[1][dim] if node.target == aten.index.Tensor else None
+            return Decision(Partial(), {idx: Replicate()} if idx is not None and not is_replicate(P(idx)) else {})
+        return Decision(Replicate(), {x: Replicate()})
+    if node.target == aten.slice.Tensor:
+        return _transparent_rule(node, ctx, P)
+    return _replicated_only_rule(node, ctx, P)
+
+
 _LINEAR_NARY = {aten.add.Tensor, aten.sub.Tensor}
 _LINEAR_SCALE = {aten.mul.Tensor, aten.div.Tensor}
 _LINEAR_UNARY = {aten.neg.default}
@@ -287,6 +329,8 @@ def _is_linear_in_partials(node, ins, pl) -> bool:
 def _reduced_dims(node):
     nd = len(shape_of(node.args[0]))
     t = node.target
+    if t == aten.argmax.default and (len(node.args) < 2 or node.args[1] is None):
+        return list(range(nd)), False                                    # argmax over all elements
     if t in (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default, aten.argmax.default):
         dims, keep = [node.args[1]], t != aten.argmax.default or (len(node.args) > 2 and node.args[2])
     else:
@@ -360,19 +404,27 @@ def _embedding_rule(node, ctx, P):
     p = P(idx)
     strategy = ctx.strategy_for(node)
     if strategy.seq_sharded and is_replicate(p) and len(shape_of(idx)) >= 2:
-        p = Shard(1)
+        p = Shard(1)                    # any length: N need not divide it (placements.Layout)
         wants[idx] = p
-        ctx.check_divisible(node, shape_of(idx)[1], "the sequence length",
-                            "pad the prompt to a multiple of the world size (twice it for zig-zag), or use 'tp'",
-                            by=2 * ctx.world if ctx.zigzag else ctx.world)
     return Decision(p, wants)
+
+
+def _repeat_rule(node, ctx, P):
+    """repeat_interleave(x, r, dim): each slice of ``dim`` repeated r times; a shard elsewhere stays."""
+    x, p = node.args[0], P(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:                                                   # repeats of the flattened tensor
+        return Decision(Replicate(), {x: Replicate()} if is_shard(p) else {})
+    if is_shard(p) and p.dim == _norm(dim, len(shape_of(node))):
+        return Decision(Replicate(), {x: Replicate()})
+    return Decision(p)
 
 
 def _cat_rule(node, ctx, P):
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
     nd = len(shape_of(node))
     dim = _norm(dim, nd)
-    live = [t for t in tensors if shape_of(t)[dim] != 0]            # HF caches start as empty tensors
+    live = [t for t in tensors if 0 not in shape_of(t)]              # HF caches start as empty tensors
     if len(live) == 1:
         return Decision(P(live[0]))
     pl = [P(t) for t in live]
@@ -386,6 +438,21 @@ def _cat_rule(node, ctx, P):
     return Decision(chosen, {t: chosen for t in live if P(t) != chosen})
 
 
+def _stack_rule(node, ctx, P):
+    """stack(tensors, dim): a new dim at ``dim``; the inputs share one placement, which moves past it
+    (Cohere's interleaved rotary stacks [-x2, x1] on the last dim)."""
+    tensors = node.args[0]
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(shape_of(node)))
+    pl = [P(t) for t in tensors]
+    chosen = next((p for p in pl if is_shard(p)), None)
+    if chosen is None:
+        if all(is_partial(p) for p in pl):
+            return Decision(Partial())                                  # stacking is linear
+        return Decision(Replicate(), {t: Replicate() for t in tensors if is_partial(P(t))})
+    wants = {t: chosen for t in tensors if P(t) != chosen}
+    return Decision(with_dim(chosen, chosen.dim + (chosen.dim >= dim)), wants)
+
+
 def _split_rule(node, ctx, P):
     x = node.args[0]
     p = P(x)
@@ -396,8 +463,8 @@ def _split_rule(node, ctx, P):
         if is_partial(p):
             return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
         return Decision(tuple([p] * n_out))
-    sizes = [shape_of(x)[dim] // n_out] * n_out
-    if split_factor(p) == n_out and len(set(sizes)) == 1:            # [q | k | v] split into its blocks
+    sizes = [v.shape[dim] for v in node.meta["val"]]
+    if split_factor(p) == n_out and sizes == [shape_of(x)[dim] // n_out] * n_out:    # [q | k | v] into its blocks
         return Decision(tuple([Shard(dim)] * n_out))
     return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
 
@@ -409,6 +476,11 @@ def _getitem_rule(node, ctx, P):
 
 
 def _creation_rule(node, ctx, P):
+    """New tensors are whole on every rank; a ``*_like`` of a sharded tensor is made at its local shape,
+    so it is sharded like it."""
+    src = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if node.target in _LIKE and src is not None and is_shard(P(src)):
+        return Decision(P(src))
     return Decision(Replicate())
 
 
@@ -435,25 +507,13 @@ def _replicated_only_rule(node, ctx, P):
 
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_OPS = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-    aten.scaled_dot_product_attention.default,
-}
+ATTENTION_OPS = sdpa.OPS
 
 
 def attention_inputs(node):
-    """(q, k, v, mask) of an attention node; mask may be None."""
-    q, k, v = node.args[:3]
-    mask = node.kwargs.get("attn_mask")
-    if node.target in (aten._scaled_dot_product_efficient_attention.default,
-                       aten._scaled_dot_product_cudnn_attention.default):
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_bias")
-    elif node.target == aten.scaled_dot_product_attention.default and len(node.args) > 3:
-        mask = node.args[3]
-    return q, k, v, mask
+    """(q, k, v, mask) of an attention node, read by name (``sdpa.bind``); mask may be None."""
+    c = sdpa.bind(node)
+    return c.q, c.k, c.v, c.mask
 
 
 def _attention_rule(node, ctx, P):
@@ -478,47 +538,62 @@ def _attention_rule(node, ctx, P):
         mask_split = split if mask is not None and shape_of(mask)[2] != 1 else Replicate()
     if mask is not None and P(mask) != mask_split:
         wants[mask] = mask_split
-    out = []
-    for val in node.meta["val"]:
-        sharded = isinstance(val, torch.Tensor) and val.dim() >= 3 and tuple(val.shape[:3]) == shape_of(q)[:3]
-        out.append(split if sharded else Replicate())
-    return Decision(tuple(out), wants, group=node)
+    # outputs split like q: heads -> every output led by [B, H] (the logsumexp too, padded or not);
+    # rows -> every output led by [B, H, S_q]
+    lead = 2 if strategy.attention == "heads" else 3
+    vals = node.meta["val"]
+    out = tuple(split if isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == shape_of(q)[:lead]
+                else Replicate() for v in (vals if isinstance(vals, (tuple, list)) else [vals]))
+    return Decision(out if isinstance(vals, (tuple, list)) else out[0], wants, group=node)
 
 
 # ----------------------------------------------------------------------------- the table
 
-_POINTWISE = [
-    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "neg.default", "rsqrt.default", "sqrt.default",
-    "pow.Tensor_Scalar", "pow.Tensor_Tensor", "silu.default", "gelu.default", "tanh.default", "sigmoid.default",
-    "relu.default", "exp.default", "log.default", "cos.default", "sin.default", "erf.default", "abs.default",
-    "where.self", "eq.Tensor", "eq.Scalar", "ne.Tensor", "ne.Scalar", "le.Tensor", "le.Scalar", "lt.Tensor",
-    "lt.Scalar", "ge.Tensor", "ge.Scalar", "gt.Tensor", "gt.Scalar", "bitwise_and.Tensor", "bitwise_or.Tensor",
-    "bitwise_not.default", "logical_and.default", "logical_or.default", "logical_not.default",
-    "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default", "minimum.default", "clamp.default",
-    "clamp_min.default", "clamp_max.default", "reciprocal.default", "add.Scalar", "mul.Scalar", "sub.Scalar",
-    "div.Scalar", "fill.Scalar",
-]
-_REDUCTIONS = ["mean.dim", "sum.dim_IntList", "sum.default", "amax.default", "amin.default", "any.dim",
-               "_softmax.default", "_log_softmax.default", "cumsum.default", "argmax.default"]
-_CREATION = ["arange.default", "arange.start", "arange.start_step", "full.default", "zeros.default",
-             "ones.default", "empty.memory_format", "scalar_tensor.default", "new_ones.default",
-             "new_zeros.default", "new_empty.default", "new_full.default", "lift_fresh_copy.default",
-             "full_like.default", "zeros_like.default", "ones_like.default"]
-_REPLICATED_ONLY = ["index.Tensor", "gather.default", "index_select.default", "diff.default",
-                    "tril.default", "triu.default"]
-
-
-def _ops(names):
-    return [getattr(getattr(aten, n.split(".")[0]), n.split(".")[1]) for n in names
-            if hasattr(aten, n.split(".")[0]) and hasattr(getattr(aten, n.split(".")[0]), n.split(".")[1])]
+# OpOverloads written out: an op renamed by a torch upgrade fails here, at import, instead of
+# silently losing its rule.
+_POINTWISE = (
+    # arithmetic
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
+    aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.reciprocal.default, aten.abs.default,
+    aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.maximum.default, aten.minimum.default,
+    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+    # transcendental and activations
+    aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.log.default, aten.cos.default,
+    aten.sin.default, aten.tanh.default, aten.erf.default, aten.sigmoid.default, aten.silu.default,
+    aten.gelu.default, aten.relu.default,
+    # comparisons
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.le.Tensor, aten.le.Scalar,
+    aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.gt.Tensor, aten.gt.Scalar,
+    # logic and selection
+    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default, aten.logical_and.default,
+    aten.logical_or.default, aten.logical_not.default, aten.where.self, aten.masked_fill.Scalar,
+    aten.masked_fill.Tensor, aten.fill.Scalar,
+)
+_REDUCTIONS = (
+    aten.mean.dim, aten.sum.dim_IntList, aten.sum.default, aten.amax.default, aten.amin.default, aten.any.dim,
+    aten.argmax.default, aten.cumsum.default, aten._softmax.default, aten._log_softmax.default,
+)
+_CREATION = (
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default, aten.zeros.default,
+    aten.ones.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.new_ones.default,
+    aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.full_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.lift_fresh_copy.default,
+)
+_LIKE = (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default)
+_REPLICATED_ONLY = (
+    aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.diff.default, aten.tril.default,
+    aten.triu.default,
+)
 
 
 RULES: Dict[object, Callable] = {
-    **{op: _pointwise_rule for op in _ops(_POINTWISE)},
-    **{op: _reduction_rule for op in _ops(_REDUCTIONS)},
-    **{op: _creation_rule for op in _ops(_CREATION)},
-    **{op: _replicated_only_rule for op in _ops(_REPLICATED_ONLY)},
+    **dict.fromkeys(_POINTWISE, _pointwise_rule),
+    **dict.fromkeys(_REDUCTIONS, _reduction_rule),
+    **dict.fromkeys(_CREATION, _creation_rule),
+    **dict.fromkeys(_REPLICATED_ONLY, _replicated_only_rule),
     **{op: _transparent_rule for op in TRANSPARENT},
+    aten.slice.Tensor: _keep_rows_rule,
+    aten.index.Tensor: _keep_rows_rule,
     **{op: _attention_rule for op in ATTENTION_OPS},
     aten._to_copy.default: _pointwise_rule,
     aten.mm.default: _mm_rule,
@@ -526,6 +601,8 @@ RULES: Dict[object, Callable] = {
     aten.embedding.default: _embedding_rule,
     aten.native_layer_norm.default: _layer_norm_rule,
     aten.cat.default: _cat_rule,
+    aten.stack.default: _stack_rule,
+    aten.repeat_interleave.self_int: _repeat_rule,
     aten.split.Tensor: _split_rule,
     aten.select.int: _select_rule,
     operator.getitem: _getitem_rule,

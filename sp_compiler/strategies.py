@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "IMPLEMENTED", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
            "LAYER_RE", "layer_path"]
 
 SEQ_DIM = 1  # the sequence dim of the residual stream [B, S, H]
@@ -60,8 +60,6 @@ STRATEGIES = {
     )
 }
 
-# What this build can compile; the rest are accepted names that raise a clear error.
-IMPLEMENTED = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp", "vanilla_sp", "vanilla_sp_zigzag")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ if _ROOT not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+__all__ = ["dynamo_reset", "fake_pg"]
+
 
 @pytest.fixture
 def dynamo_reset():
@@ -29,7 +31,7 @@ def fake_pg():
     it is destroyed when the test ends, whatever happens."""
     import torch.distributed as dist
 
-    from seqpar_testing import init_fake_pg
+    from sp_compiler.testing import init_fake_pg
 
     def start(world: int, rank: int = 0):
         init_fake_pg(world, rank)

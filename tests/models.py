@@ -21,6 +21,7 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "MORE_FAMILIES",
     "MAX_POSITIONS",
     "build_config",
     "build_model",
@@ -30,6 +31,13 @@ __all__ = [
 
 #: Model families the tests parametrise over.
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+#: Other HuggingFace causal-LM families built from their config class (Llama-style arguments):
+#: q/k RMSNorm (qwen3), scaled embeddings and GeGLU (gemma), fused qkv and gate_up (phi3),
+#: interleaved rotary with stack (cohere), LayerNorm and partial rotary (stablelm, phi).
+MORE_FAMILIES = {"qwen3": "Qwen3Config", "gemma": "GemmaConfig", "phi3": "Phi3Config", "cohere": "CohereConfig",
+                 "stablelm": "StableLmConfig", "phi": "PhiConfig", "olmo2": "Olmo2Config",
+                 "starcoder2": "Starcoder2Config"}
 
 #: Maximum sequence length every tiny model supports.
 MAX_POSITIONS = 1024
@@ -92,41 +100,28 @@ def build_config(
         cls = transformers.Qwen2Config
         kwargs["bos_token_id"] = 1
         kwargs["eos_token_id"] = 2
+    elif family in MORE_FAMILIES:
+        cls = getattr(transformers, MORE_FAMILIES[family])
+        kwargs.update(head_dim=hidden // heads, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES + tuple(MORE_FAMILIES)}")
     kwargs.update(common)
     kwargs.update(overrides)
     return cls(**kwargs)
 
 
-def build_model(
-    family: str,
-    *,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    hidden: int = 64,
-    vocab: int = 128,
-    seed: int = 0,
-    **overrides: Any,
-) -> nn.Module:
+def build_model(family: str, *, seed: int = 0, **config_args: Any) -> nn.Module:
     """Build a tiny ``family`` causal LM with random weights (fp32, eval mode, SDPA).
 
-    The same arguments always give bit-identical weights, in any process.
+    ``config_args`` go to :func:`build_config` (``layers``, ``heads``, ``kv_heads``, ``hidden``,
+    ``vocab`` and any config override). The same arguments always give bit-identical weights,
+    in any process.
     """
     import transformers
 
-    config = build_config(
-        family, layers=layers, heads=heads, kv_heads=kv_heads, hidden=hidden, vocab=vocab, **overrides
-    )
-    cls = {
-        "llama": transformers.LlamaForCausalLM,
-        "mistral": transformers.MistralForCausalLM,
-        "qwen2": transformers.Qwen2ForCausalLM,
-        "gpt2": transformers.GPT2LMHeadModel,
-    }[family]
+    config = build_config(family, **config_args)
     torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
     if model.config._attn_implementation != "sdpa":  # pragma: no cover - guard against HF changes
         raise RuntimeError(f"{family}: expected sdpa attention, got {model.config._attn_implementation!r}")
     return model
@@ -138,8 +133,8 @@ def make_inputs(family: str, batch: int, seq: int, seed: int = 1, *, vocab: int 
     ``family`` is checked and kept for symmetry with :func:`build_model`; all
     families share the token range ``[0, vocab)``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    if family not in FAMILIES + tuple(MORE_FAMILIES):
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES + tuple(MORE_FAMILIES)}")
     if seq > MAX_POSITIONS:
         raise ValueError(f"seq={seq} exceeds the tiny models' {MAX_POSITIONS} positions")
     gen = torch.Generator().manual_seed(seed)

@@ -1,15 +1,13 @@
-"""Small helpers shared by the seqpar test files (not tests themselves)."""
+"""Small helpers shared by the seqpar test files (not tests themselves).
+
+The gloo launcher, fake process groups and the error unwrapper are in ``sp_compiler.testing``
+(the examples and the calibration use them too)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
-
 import torch
-import torch.distributed as dist
 
-__all__ = ["cached_run", "init_fake_pg", "fake_process_group", "seqpar_error", "error_text", "compile_logits",
-           "layer_names", "model_dims"]
+__all__ = ["cached_run", "compile_logits", "layer_names", "model_dims"]
 
 
 _runs: dict = {}
@@ -27,49 +25,6 @@ def cached_run(key, fn, *args, **kwargs):
     if status == "error":
         raise value
     return value
-
-
-def init_fake_pg(world: int, rank: int = 0) -> None:
-    """A fake process group: collectives are no-ops, so outputs are garbage, but the world size
-    and rank the backend sees are real, and so is every graph transformation."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-
-
-@contextlib.contextmanager
-def fake_process_group(world: int, rank: int = 0):
-    init_fake_pg(world, rank)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def seqpar_error(exc: BaseException) -> Optional[BaseException]:
-    """The seqpar error inside whatever Dynamo wrapped it in (``BackendCompilerFailed``):
-    looks through ``inner_exception``, ``__cause__`` and ``__context__``; None if there is none."""
-    from sp_compiler.errors import SeqparError
-
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, SeqparError):
-            return e
-        todo += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
-    return None
-
-
-def error_text(exc: BaseException) -> str:
-    """The seqpar error's message if one is in the chain, else the wrapper's."""
-    inner = seqpar_error(exc)
-    return str(inner if inner is not None else exc)
 
 
 def compile_logits(model, input_ids, options: dict, **call_kwargs) -> torch.Tensor:

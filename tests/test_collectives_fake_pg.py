@@ -3,7 +3,7 @@
 A fake process group (no communication) gives the backend a real world size and rank, so
 the whole graph transformation runs; only the numbers it computes are garbage. What is
 checked is ``sp_compiler.backend.last_report()``: per decoder layer, exactly the
-collectives the strategy table in DESIGN.md promises, each with exactly the bytes that
+collectives the strategy table in README.md promises, each with exactly the bytes that
 follow from the model's dimensions (computed here from the config, never read back from
 the engine), and outside the layers exactly one all_gather of the logits for the
 sequence-parallel strategies and nothing for tp.
@@ -27,7 +27,10 @@ import pytest
 import torch
 
 from models import FAMILIES, build_model, make_inputs
-from seqpar_testing import compile_logits, fake_process_group, layer_names, model_dims
+from seqpar_testing import compile_logits, layer_names, model_dims
+from sp_compiler.testing import fake_process_group
+
+__all__ = []
 
 STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
 SEQ_PARALLEL = ("ulysses", "megatron_sp", "megatron_sp_tp")

@@ -1,10 +1,12 @@
-"""Self-tests for the multi-process gloo harness in ``tests/dist.py``."""
+"""Self-tests for the multi-process gloo harness ``sp_compiler.testing.run_ranks``."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist import RankError, run_ranks
+from sp_compiler.testing import RankError, run_ranks
+
+__all__ = []
 
 
 def _all_reduce_rank(scale: float, *, offset: float = 0.0) -> torch.Tensor:

@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from seqpar_testing import error_text, fake_process_group, seqpar_error
 from sp_compiler.errors import ShapeConstraintError, UnsupportedOpError
+from sp_compiler.testing import error_text, fake_process_group, seqpar_error
+
+__all__ = []
 
 
 class Flipper(nn.Module):

@@ -7,6 +7,8 @@ import torch
 
 from models import build_model, make_inputs
 
+__all__ = []
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.usefixtures("dynamo_reset"),

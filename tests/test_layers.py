@@ -12,11 +12,12 @@ import os
 import pytest
 import torch
 
-from dist import run_ranks
 from models import build_model, make_inputs
-from seqpar_testing import error_text, fake_process_group
 from sp_compiler.errors import OptionsError
 from sp_compiler.strategies import LayerPlan
+from sp_compiler.testing import error_text, fake_process_group, run_ranks
+
+__all__ = []
 
 LAYERS = 4
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@
 
 Options are validated when Dynamo hands the first graph to the backend, so errors that
 come through ``torch.compile`` arrive wrapped in ``BackendCompilerFailed``; the tests
-look for the seqpar error inside (``seqpar_testing.seqpar_error``) and in the message.
+look for the seqpar error inside (``sp_compiler.testing.seqpar_error``) and in the message.
 """
 
 from __future__ import annotations
@@ -20,24 +20,23 @@ import torch
 import sp_compiler
 from sp_compiler.config import LOWERINGS, STRATEGY_NAMES, Options
 from sp_compiler.errors import OptionsError, SeqparError, ShapeConstraintError
-from sp_compiler.strategies import IMPLEMENTED
+from sp_compiler.strategies import STRATEGIES
 
 from models import build_model, make_inputs
-from seqpar_testing import compile_logits, error_text, seqpar_error
+from seqpar_testing import compile_logits
+from sp_compiler.testing import error_text, seqpar_error
+
+__all__ = []
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
-#: The option names and values DESIGN.md fixes (scripts and tests rely on them).
-OPTION_KEYS = ("strategy", "layers", "dump_dir", "lower")
+#: The option names and values users write (scripts and tests rely on them).
+OPTION_KEYS = ("strategy", "layers", "dump_dir", "lower", "outputs", "buckets")
 ALL_STRATEGIES = ("tp", "vanilla_sp", "vanilla_sp_zigzag", "megatron_sp", "megatron_sp_tp", "ulysses", "auto")
-CORE_STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
 ALL_LOWERINGS = ("inductor", "aot_eager", "eager")
-#: The strategies the brief called planned (valid names, not implemented yet). The engine has
-#: since implemented them, so the not-implemented path is checked by narrowing IMPLEMENTED.
-ONCE_PLANNED = ("vanilla_sp", "vanilla_sp_zigzag")
 
 
 def _tiny_fn(x):
@@ -60,16 +59,16 @@ def _assert_lists_all(msg, names):
 def test_design_names_are_the_valid_ones():
     assert set(STRATEGY_NAMES) == set(ALL_STRATEGIES)
     assert set(LOWERINGS) == set(ALL_LOWERINGS)
-    assert set(CORE_STRATEGIES) <= set(IMPLEMENTED)
 
 
 def test_defaults():
     opts = Options.from_dict(None)
     assert (opts.strategy, opts.lower, opts.dump_dir, dict(opts.layers)) == ("ulysses", "inductor", None, {})
+    assert (opts.outputs, opts.buckets) == ("replicate", "auto")
     assert Options.from_dict({}) == opts
 
 
-@pytest.mark.parametrize("strategy", sorted(IMPLEMENTED))
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("lower", ALL_LOWERINGS)
 def test_every_implemented_strategy_and_lowering_is_accepted(strategy, lower):
     opts = Options.from_dict({"strategy": strategy, "lower": lower})
@@ -87,20 +86,16 @@ def test_unknown_option_key_lists_valid_keys():
     assert isinstance(info.value, ValueError)
 
 
-def test_unknown_strategy_lists_valid_strategies():
+@pytest.mark.parametrize("key,bad,valid", [
+    ("strategy", "ring", ALL_STRATEGIES),
+    ("lower", "tensorrt", ALL_LOWERINGS),
+], ids=["strategy", "lower"])
+def test_unknown_value_lists_valid_values(key, bad, valid):
     with pytest.raises(OptionsError) as info:
-        Options.from_dict({"strategy": "ring"})
+        Options.from_dict({"strategy": "tp", key: bad})
     msg = str(info.value)
-    assert "ring" in msg
-    _assert_lists_all(msg, ALL_STRATEGIES)
-
-
-def test_unknown_lower_lists_valid_lowerings():
-    with pytest.raises(OptionsError) as info:
-        Options.from_dict({"strategy": "tp", "lower": "tensorrt"})
-    msg = str(info.value)
-    assert "tensorrt" in msg
-    _assert_lists_all(msg, ALL_LOWERINGS)
+    assert bad in msg
+    _assert_lists_all(msg, valid)
 
 
 def test_unknown_strategy_in_layers_is_an_options_error():
@@ -125,61 +120,22 @@ def test_options_errors_through_torch_compile(options, bad, valid):
     _assert_lists_all(msg, valid)
 
 
-# ----------------------------------------------------------------------------- planned, not implemented
+# ----------------------------------------------------------------------------- every valid name
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
-def test_every_valid_strategy_is_accepted_or_clearly_not_implemented(strategy):
-    """A valid name is never an OptionsError: it compiles, or says it is not implemented yet."""
-    try:
-        opts = Options.from_dict({"strategy": strategy})
-    except SeqparError as e:
-        assert not isinstance(e, OptionsError), f"{strategy!r} is a valid name: {e}"
-        assert re.search(r"not implement", str(e), re.I) and strategy in str(e), str(e)
-    else:
-        assert opts.strategy == strategy
+def test_every_valid_strategy_is_accepted(strategy):
+    assert Options.from_dict({"strategy": strategy}).strategy == strategy
 
 
-@pytest.fixture
-def narrow_implemented(monkeypatch):
-    """This build as the brief describes it: only the four core strategies implemented."""
-    import sp_compiler.config as config
-
-    monkeypatch.setattr(config, "IMPLEMENTED", CORE_STRATEGIES)
+@pytest.mark.parametrize("key,value", [("outputs", "local"), ("outputs", "replicate"), ("buckets", "exact"),
+                                       ("buckets", [1024, 4096])])
+def test_output_and_bucket_options_are_accepted(key, value):
+    assert getattr(Options.from_dict({key: value}), key) == value
 
 
-@pytest.mark.parametrize("strategy", ONCE_PLANNED)
-def test_planned_strategy_is_a_clear_not_implemented_error(narrow_implemented, strategy):
-    with pytest.raises(SeqparError) as info:
-        Options.from_dict({"strategy": strategy})
-    assert not isinstance(info.value, OptionsError), "a valid name is not an unknown option value"
-    assert re.search(r"not implement", str(info.value), re.I), str(info.value)
-    assert strategy in str(info.value)
-    _assert_lists_all(str(info.value), CORE_STRATEGIES)           # and says what is implemented
-
-
-@pytest.mark.parametrize("strategy", ONCE_PLANNED)
-def test_planned_strategy_through_torch_compile(narrow_implemented, strategy):
-    with pytest.raises(Exception) as info:
-        _compile_tiny({"strategy": strategy})
-    inner = seqpar_error(info.value)
-    assert isinstance(inner, SeqparError) and not isinstance(inner, OptionsError), repr(info.value)
-    assert re.search(r"not implement", str(inner), re.I)
-
-
-def test_planned_strategy_in_layers_is_not_implemented(narrow_implemented):
-    with pytest.raises(SeqparError) as info:
-        Options.from_dict({"strategy": "tp", "layers": {"model.layers.1": "vanilla_sp"}})
-    assert not isinstance(info.value, OptionsError)
-    assert re.search(r"not implement", str(info.value), re.I)
-
-
-def test_layers_with_valid_strategies_is_accepted_or_clearly_not_implemented():
-    try:
-        opts = Options.from_dict({"strategy": "tp", "layers": {"model.layers.0-1": "megatron_sp_tp"}})
-    except SeqparError as e:
-        assert not isinstance(e, OptionsError) and re.search(r"not implement", str(e), re.I), str(e)
-    else:
-        assert dict(opts.layers) == {"model.layers.0-1": "megatron_sp_tp"}
+def test_layers_with_valid_strategies_is_accepted():
+    opts = Options.from_dict({"strategy": "tp", "layers": {"model.layers.0-1": "megatron_sp_tp"}})
+    assert dict(opts.layers) == {"model.layers.0-1": "megatron_sp_tp"}
 
 
 # ----------------------------------------------------------------------------- registration
@@ -300,18 +256,6 @@ def test_tp_heads_not_divisible_is_a_seqpar_error(fake_pg, strategy):
     fake_pg(4)
     exc = _compile_error("gpt2", strategy, heads=2, hidden=64)
     assert isinstance(seqpar_error(exc), SeqparError), repr(exc)
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("strategy", ["ulysses", "megatron_sp", "megatron_sp_tp"])
-def test_sequence_not_divisible_by_world(fake_pg, family, strategy):
-    fake_pg(2)
-    exc = _compile_error(family, strategy, seq=15)
-    inner = seqpar_error(exc)
-    assert isinstance(inner, ShapeConstraintError), repr(exc)
-    msg = str(inner)
-    assert "sequence length" in msg and "15" in msg and re.search(r"\b2\b", msg), msg
-    assert "ShapeConstraintError" in str(exc) and "sequence length" in str(exc)
 
 
 def test_tp_does_not_need_a_divisible_sequence(fake_pg):

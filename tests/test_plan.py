@@ -19,7 +19,7 @@ from sp_compiler.cost_model import is_decoder_layer
 from sp_compiler.errors import SeqparError
 from sp_compiler.plan import PlanError, build_fake_model, choose, dump, plan, transform
 from sp_compiler.presets import PRESETS, PresetError, load_config
-from sp_compiler.strategies import IMPLEMENTED
+from sp_compiler.strategies import STRATEGIES
 
 __all__ = []
 
@@ -72,7 +72,7 @@ def test_load_config_errors(tmp_path):
 def llama8b():
     cfg = load_config("llama-3-8b")
     fm = build_fake_model(cfg, layers=2, dtype=torch.bfloat16)
-    graphs = {s: transform(cfg, strategy=s, world=N, seq_len=S, batch=B, model=fm) for s in IMPLEMENTED}
+    graphs = {s: transform(cfg, strategy=s, world=N, seq_len=S, batch=B, model=fm) for s in STRATEGIES}
     return cfg, graphs
 
 
@@ -97,7 +97,7 @@ def expected_per_layer(cfg, strategy):
     raise AssertionError(strategy)
 
 
-@pytest.mark.parametrize("strategy", IMPLEMENTED)
+@pytest.mark.parametrize("strategy", tuple(STRATEGIES))
 def test_llama3_8b_collectives_per_layer_match_formulas(llama8b, strategy):
     cfg, graphs = llama8b
     gm, ctx = graphs[strategy]
@@ -200,7 +200,7 @@ def test_plan_70b_is_fast_and_allocates_no_weights():
 def test_cli_plan_prints_one_row_per_strategy(capsys):
     assert main(["plan", "--model", "gpt2", "--world-size", "4", "--seq-len", "256"]) == 0
     out = capsys.readouterr().out
-    for name in IMPLEMENTED:
+    for name in STRATEGIES:
         assert name in out
     lines = [ln for ln in out.splitlines() if ln.rstrip().endswith("*")]
     assert len(lines) == 1, out
@@ -225,3 +225,26 @@ def test_dump_writes_graph_and_collectives(tmp_path):
     assert main(["dump", "--model", "gpt2", "--strategy", "tp", "--world-size", "4", "--rank", "0",
                  "--seq-len", "128", "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "graph.txt").exists()
+
+
+@pytest.mark.parametrize("world,seq_len", [(2, 64), (4, 256)])
+def test_auto_chooses_what_plan_chooses(world, seq_len, monkeypatch):
+    """strategy='auto' inside a compile and `seqpar plan` price the same graphs with the same function
+    (plan.price_strategies) and the same ranks, so they pick the same strategy."""
+    from models import build_config, build_model
+
+    from sp_compiler import backend
+    from sp_compiler.cost_model import MachineProfile
+    from sp_compiler.testing import fake_process_group
+
+    machine = MachineProfile("test-fp32", link_bw=5e9, link_latency_s=2e-5, peak_flops=2e11, mem_bw=4e10,
+                             dtype="float32")
+    want, preds = choose(build_config("llama", heads=8, kv_heads=4, hidden=128), world, seq_len, machine=machine)
+    monkeypatch.setattr(backend, "machine_profile", lambda: machine)
+    torch._dynamo.reset()
+    with fake_process_group(world, 0), torch.no_grad():
+        fast = torch.compile(build_model("llama", heads=8, kv_heads=4, hidden=128), backend="seqpar",
+                             options={"strategy": "auto", "lower": "eager"})
+        fast(torch.zeros(1, seq_len, dtype=torch.long), use_cache=False)
+    torch._dynamo.reset()
+    assert backend.last_graph()[1].options.strategy == want, {k: p.total_s for k, p in preds.items() if p.ok}

@@ -1,6 +1,14 @@
-"""Run a function on N gloo ranks on 127.0.0.1 and hand each rank's result back.
+"""What the tests, the examples and the calibration share: gloo ranks, fake process groups, errors.
 
-Usage from a test::
+    run_ranks(fn, N, *args)         fn(*args) on N spawned gloo ranks on 127.0.0.1; results by rank
+    init_rank(rank, N, port)        what each of those ranks runs first: env vars, loopback gloo,
+                                    one intra-op thread, init_process_group("gloo")
+    fake_process_group(N, rank)     a process group that never communicates: real world size and
+                                    rank for every graph transformation, garbage numbers
+    seqpar_error(exc)               the SeqparError inside whatever Dynamo wrapped it in
+    error_text(exc), error_line(exc)    its message; 'Type: message' on one line
+
+Usage of the launcher::
 
     def _body(x):                      # module level, so it pickles
         t = torch.tensor([float(dist.get_rank())])
@@ -9,38 +17,46 @@ Usage from a test::
 
     results = run_ranks(_body, 2, 1.0)  # list indexed by rank
 
-``fn(*args, **kwargs)`` runs in every rank after ``dist.init_process_group("gloo")``;
-a rank finds its own id with ``dist.get_rank()``. Results travel back through
-``torch.save`` files in a temporary directory, so tensors and nested containers
-of them are fine. If any rank raises, :func:`run_ranks` raises
-:class:`RankError` whose message holds every failing rank's full traceback; the
-other ranks (likely blocked in a collective) are killed shortly after. Nothing
+``fn(*args, **kwargs)`` runs in every rank after :func:`init_rank`; a rank finds its own id
+with ``dist.get_rank()``. Results travel back through ``torch.save`` files in a temporary
+directory, so tensors and nested containers of them are fine. If any rank raises,
+:func:`run_ranks` raises :class:`RankError` whose message holds every failing rank's full
+traceback; the other ranks (likely blocked in a collective) are killed shortly after. Nothing
 waits forever: ranks still running after ``timeout`` seconds are killed and
 :class:`RankTimeout` is raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["RankError", "RankTimeout", "free_port", "run_ranks"]
+from .errors import SeqparError
+
+__all__ = [
+    "RankError", "RankTimeout", "free_port", "init_rank", "run_ranks",
+    "init_fake_pg", "fake_process_group",
+    "seqpar_error", "error_text", "error_line",
+]
 
 #: Seconds the surviving ranks get to finish after one rank has failed.
 _FAILURE_GRACE_S = 5.0
 #: Seconds between two looks at the rank processes.
 _POLL_S = 0.05
 
+
+# ----------------------------------------------------------------------------- gloo ranks
 
 class RankError(RuntimeError):
     """One or more ranks raised (or died); the message has their tracebacks."""
@@ -55,6 +71,29 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_rank(rank: int, world_size: int, port: int, timeout: float = 300.0) -> None:
+    """Be rank ``rank`` of ``world_size`` gloo ranks on 127.0.0.1:``port``, with one intra-op thread.
+
+    Sets the variables torchrun would set (MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK, WORLD_SIZE,
+    LOCAL_WORLD_SIZE), pins gloo to the loopback interface unless GLOO_SOCKET_IFNAME is set, and
+    initialises the default process group; a collective that waits longer than ``timeout`` seconds fails.
+    """
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=max(1.0, timeout))
+    )
 
 
 def _result_path(tmpdir: str, rank: int) -> str:
@@ -76,25 +115,9 @@ def _worker(
     kwargs: dict,
 ) -> None:
     """Body of one rank process: init gloo, run ``fn``, save its result or traceback."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
     payload: dict[str, Any]
     try:
-        dist.init_process_group(
-            "gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=max(1.0, timeout)),
-        )
+        init_rank(rank, world_size, port, timeout)
         payload = {"ok": True, "result": fn(*args, **kwargs)}
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         payload = {"ok": False, "traceback": traceback.format_exc()}
@@ -203,3 +226,58 @@ def run_ranks(
             cls = RankTimeout if timed_out else RankError
             raise cls(f"run_ranks({getattr(fn, '__qualname__', fn)!s}): {head}\n" + "\n".join(errors))
         return results
+
+
+# ----------------------------------------------------------------------------- fake process groups
+
+def init_fake_pg(world: int, rank: int = 0) -> None:
+    """A fake process group (any existing group is destroyed first): collectives are no-ops, so
+    outputs are garbage, but the world size and rank the backend sees are real, and so is every
+    graph transformation."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int, rank: int = 0) -> Iterator[None]:
+    """:func:`init_fake_pg` for the duration of the ``with`` block; destroyed afterwards, whatever happens."""
+    init_fake_pg(world, rank)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def seqpar_error(exc: BaseException) -> Optional[SeqparError]:
+    """The seqpar error inside whatever Dynamo wrapped it in (``BackendCompilerFailed``):
+    ``exc`` itself or one found through ``inner_exception``, ``__cause__`` and ``__context__``
+    (nearest first); None if there is none."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, SeqparError):
+            return e
+        todo += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+    return None
+
+
+def error_text(exc: BaseException) -> str:
+    """The seqpar error's message if one is in the chain, else the wrapper's."""
+    inner = seqpar_error(exc)
+    return str(inner if inner is not None else exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """'Type: message' of the seqpar error in the chain (else of ``exc``), white space folded to one line."""
+    inner = seqpar_error(exc)
+    cause = inner if inner is not None else exc
+    return f"{type(cause).__name__}: {' '.join(str(cause).split())}"

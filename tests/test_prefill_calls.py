@@ -1,0 +1,240 @@
+"""The prefill calls that real traffic makes, on gloo ranks, against the uncompiled model.
+
+    default call       fast(input_ids): use_cache=True, logits and every layer's K/V cache
+    logits_to_keep     =1 on a left-padded batch of 3; a 1-D tensor with a negative entry
+    families           Llama, GPT-2, Mistral, Qwen2, and eight more built from their HF configs
+    any length         61 and 67 tokens: no world size divides them
+    many lengths       ten lengths through one compiled model: at most two seqpar compiles
+    outputs="local"    each rank returns its own rows; output_layout() says which
+
+Every case of one world runs in ONE ``run_ranks`` call (process start-up is paid once) and each
+case is its own test. References are computed in the test process.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import MORE_FAMILIES, build_model, make_inputs
+from seqpar_testing import cached_run
+from sp_compiler.strategies import STRATEGIES
+from sp_compiler.testing import run_ranks
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+LAYERS = 2
+ALL = tuple(STRATEGIES)
+MODEL = dict(layers=LAYERS, heads=4, kv_heads=2, hidden=64)
+TEN_LENGTHS = (64, 100, 137, 170, 211, 256, 300, 333, 401, 448)
+
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
+
+
+def _padded_mask(batch: int, S: int) -> torch.Tensor:
+    """Left padding: row b starts with 3*b pad tokens."""
+    mask = torch.ones(batch, S, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : 3 * b] = 0
+    return mask
+
+
+#: name -> (batch, length, call kwargs)
+CALLS = {
+    "default": (1, 61, lambda B, S: {}),
+    "keep1_padded": (3, 67, lambda B, S: dict(attention_mask=_padded_mask(B, S), use_cache=False, logits_to_keep=1)),
+    "keep_tensor": (2, 61, lambda B, S: dict(use_cache=False, logits_to_keep=torch.tensor([0, 30, -1]))),
+}
+
+#: world -> [(family, strategy, call)]
+CASES = {
+    2: [("llama", s, c) for s in ALL for c in CALLS]
+    + [("gpt2", s, "default") for s in ALL]
+    + [("gpt2", s, "keep1_padded") for s in ("ulysses", "vanilla_sp_zigzag", "megatron_sp_tp")]
+    + [(f, s, "default") for f in ("mistral", "qwen2") for s in ("ulysses", "vanilla_sp_zigzag")]
+    + [(f, "ulysses", "default") for f in MORE_FAMILIES]
+    + [(f, "vanilla_sp_zigzag", "keep1_padded") for f in ("phi3", "cohere")] + [("phi3", "tp", "default")],
+    4: [("llama", s, c) for s in ("ulysses", "vanilla_sp_zigzag", "megatron_sp", "tp")
+        for c in ("default", "keep1_padded")],
+}
+
+
+def _call(model, family, call):
+    B, S, kwargs = CALLS[call]
+    with torch.no_grad():
+        return model(make_inputs(family, B, S), **kwargs(B, S))
+
+
+def _result(out):
+    """(logits, [K, V of every layer] or None)."""
+    cache = out.past_key_values
+    kv = None if cache is None else [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return out.logits, kv
+
+
+def _rank_body(world):
+    out = {}
+    for family, strategy, call in CASES[world]:
+        torch._dynamo.reset()
+        model = build_model(family, **MODEL)
+        fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "aot_eager"})
+        out[(family, strategy, call)] = _result(_call(fast, family, call))
+    return out
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases],
+                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"w{v}")
+def test_prefill_call_is_exact(world, case):
+    family, strategy, call = case
+    results = cached_run(("prefill", world), run_ranks, _rank_body, world, world, timeout=1200)
+    ref_logits, ref_kv = _result(_call(build_model(family, **MODEL), family, call))
+    for rank, res in enumerate(results):
+        logits, kv = res[case]
+        torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m: f"rank {rank} logits: {m}")
+        assert (kv is None) == (ref_kv is None)
+        for i, (a, b) in enumerate(zip(kv or [], ref_kv or [])):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"rank {rank} cache tensor {i}: {m}")
+
+
+# ----------------------------------------------------------------------------- many lengths
+
+def _lengths_body(strategy, lengths):
+    from sp_compiler.backend import compile_count
+
+    model = build_model("llama", **MODEL)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "aot_eager"})
+    before, outs = compile_count(), []
+    for S in lengths:
+        with torch.no_grad():
+            outs.append(_result(fast(make_inputs("llama", 2, S), attention_mask=_padded_mask(2, S),
+                                     logits_to_keep=1)))
+    return compile_count() - before, outs
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag"])
+def test_ten_lengths_compile_at_most_twice(strategy):
+    """The first length compiles a static graph; Dynamo then hands a symbolic one, which seqpar
+    compiles once for the bucket every later length pads to (512 tokens, README)."""
+    results = run_ranks(_lengths_body, 2, strategy, TEN_LENGTHS, timeout=1200)
+    model = build_model("llama", **MODEL)
+    for rank, (compiles, outs) in enumerate(results):
+        assert compiles <= 2, f"rank {rank}: {compiles} seqpar compiles for {len(TEN_LENGTHS)} lengths"
+        for S, (logits, kv) in zip(TEN_LENGTHS, outs):
+            with torch.no_grad():
+                ref_logits, ref_kv = _result(model(make_inputs("llama", 2, S), attention_mask=_padded_mask(2, S),
+                                                   logits_to_keep=1))
+            torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m: f"S={S} rank {rank}: {m}")
+            for a, b in zip(kv, ref_kv):
+                torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"S={S} rank {rank} cache: {m}")
+
+
+# ----------------------------------------------------------------------------- outputs="local"
+
+def _local_body(strategy, lengths):
+    from sp_compiler.backend import output_layout
+
+    model = build_model("llama", **MODEL)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "aot_eager",
+                                                           "outputs": "local"})
+    res = []
+    for S in lengths:
+        with torch.no_grad():
+            res.append((_result(fast(make_inputs("llama", 2, S))), output_layout()))
+    return res
+
+
+def _rows(layout_row):
+    return torch.cat([torch.arange(start, start + n) for start, n in layout_row["rows"]])
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag", "megatron_sp"])
+def test_local_outputs_hold_each_ranks_rows(strategy):
+    """37 tokens (a static graph) then 50 (a padded bucket): logits and caches stay on the rank
+    that made them; the layout names the rows, and together the ranks hold every row once."""
+    lengths = (37, 50)
+    results = run_ranks(_local_body, 2, strategy, lengths, timeout=900)
+    model = build_model("llama", **MODEL)
+    for i, S in enumerate(lengths):
+        ref_logits, ref_kv = _result(_call_plain(model, S))
+        held = []
+        for rank, res in enumerate(results):
+            (logits, kv), layout = res[i]
+            by_shape = {tuple(r["local_shape"]): r for r in layout if "rows" in r}
+            row = by_shape[tuple(logits.shape)] if tuple(logits.shape) in by_shape else layout[-1]
+            assert row["dim"] == 1 and row["layout"] == ("zig-zag" if "zigzag" in strategy else "contiguous")
+            rows = _rows(row)
+            held.append(rows)
+            torch.testing.assert_close(logits, ref_logits.index_select(1, rows), **TOL)
+            k_row = next(r for r in layout if len(r.get("local_shape", ())) == 4)      # a layer's K or V
+            torch.testing.assert_close(kv[0], ref_kv[0].index_select(k_row["dim"], _rows(k_row)), **TOL)
+        assert torch.equal(torch.cat(held).sort().values, torch.arange(S)), f"S={S}: rows held {held}"
+
+
+def _call_plain(model, S):
+    with torch.no_grad():
+        return model(make_inputs("llama", 2, S))
+
+
+# ----------------------------------------------------------------------------- one process
+
+@pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded])
+def test_keep_one_row_moves_one_row(strategy, fake_pg):
+    """logits_to_keep=1 on a sequence-sharded strategy: outside the decoder layers the only
+    collective is one all_reduce of the kept row's hidden state, B x 1 x H, never S rows."""
+    from sp_compiler.backend import last_report
+
+    fake_pg(2)
+    B, S, H = 3, 67, MODEL["hidden"]
+    model = build_model("llama", **MODEL)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "eager"})
+    with torch.no_grad():
+        fast(make_inputs("llama", B, S), use_cache=False, logits_to_keep=1)
+    outside = [r for r in last_report() if not r["layer"].startswith("model.layers.")]
+    assert [(r["kind"], r["bytes"]) for r in outside] == [("all_reduce", B * 1 * H * 4)], outside
+
+
+def test_weights_loaded_in_place_are_sliced_again(fake_pg):
+    """tp slices weights at compile time; a load_state_dict afterwards must reach the slices."""
+    fake_pg(1)
+    model = build_model("llama", **MODEL)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": "tp", "lower": "eager"})
+    ids = make_inputs("llama", 1, 16)
+    with torch.no_grad():
+        fast(ids, use_cache=False)
+        model.load_state_dict(build_model("llama", seed=7, **MODEL).state_dict())
+        got = fast(ids, use_cache=False).logits
+        want = build_model("llama", seed=7, **MODEL)(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_prompt_on_another_device_is_named(fake_pg):
+    from sp_compiler.errors import InputError
+    from sp_compiler.testing import seqpar_error
+
+    fake_pg(2)
+    fast = torch.compile(build_model("llama", **MODEL), backend="seqpar", options={"lower": "eager"})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        fast(make_inputs("llama", 1, 16).to("meta"), use_cache=False)
+    err = seqpar_error(info.value)
+    assert isinstance(err, InputError) and "input_ids" in str(err) and "meta" in str(err) and "cpu" in str(err)
+
+
+def test_mask_of_another_length_fails_before_any_answer(fake_pg):
+    """A mask one entry short fails in HuggingFace's own code while Dynamo traces it (seqpar never
+    sees such a graph); the message carries both lengths. Never a silent answer."""
+    fake_pg(2)
+    fast = torch.compile(build_model("llama", **MODEL), backend="seqpar", options={"lower": "eager"})
+    with torch.no_grad():
+        for S in (16, 24):
+            fast(make_inputs("llama", 1, S), attention_mask=torch.ones(1, S, dtype=torch.long), use_cache=False)
+        with pytest.raises(Exception) as info:
+            fast(make_inputs("llama", 1, 32), attention_mask=torch.ones(1, 31, dtype=torch.long), use_cache=False)
+    assert "32" in str(info.value) and "31" in str(info.value)
+
+
+def test_inputs_embeds_is_refused_by_name(fake_pg):
+    from sp_compiler.testing import error_text
+
+    fake_pg(2)
+    fast = torch.compile(build_model("llama", **MODEL), backend="seqpar", options={"lower": "eager"})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        fast(inputs_embeds=torch.randn(1, 16, MODEL["hidden"]), use_cache=False)
+    assert "inputs_embeds" in error_text(info.value) and "input_ids" in error_text(info.value)
