@@ -27,11 +27,11 @@ __all__ = ["LENGTHS", "main"]
 LENGTHS = (64, 100, 137, 170, 211, 256, 300, 333, 401, 448)
 
 
-def _rank_body(strategy: str, lower: str, lengths):
+def _rank_body(strategy: str, lower: str, lengths, buckets="auto"):
     from sp_compiler.backend import bucket_length, compile_count, world_info
 
     model = build_demo_model(max(lengths))
-    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": lower})
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": lower, "buckets": buckets})
     rows = []
     for S in lengths:
         ids = torch.randint(0, MODEL["vocab"], (1, S), generator=torch.Generator().manual_seed(S))
@@ -43,7 +43,7 @@ def _rank_body(strategy: str, lower: str, lengths):
         with torch.no_grad():
             ref = model(ids, logits_to_keep=1).logits
         rows.append(dict(S=S, compiles=compile_count() - before, seconds=seconds,
-                         bucket=bucket_length(S, world_info()[0]) if S != lengths[0] else S,
+                         bucket=bucket_length(S, world_info()[0], buckets) if S != lengths[0] else S,
                          max_diff=float((logits - ref).abs().max())))
     return rows
 
@@ -57,9 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--strategy", default="ulysses")
     p.add_argument("--lower", default="inductor")
+    p.add_argument("--buckets", default="auto", help="seqpar's buckets option: auto or exact")
     args = p.parse_args(argv)
-    rows = run_ranks(_rank_body, args.world_size, args.strategy, args.lower, LENGTHS, timeout=3600)[0]
-    print(f"{args.strategy}, {args.world_size} gloo ranks, lower={args.lower}, demo model {MODEL}")
+    rows = run_ranks(_rank_body, args.world_size, args.strategy, args.lower, LENGTHS, args.buckets, timeout=3600)[0]
+    print(f"{args.strategy}, {args.world_size} gloo ranks, lower={args.lower}, buckets={args.buckets}, "
+          f"demo model {MODEL}")
     print(tabulate([[r["S"], r["bucket"], r["compiles"], f"{r['seconds']:.2f}", f"{r['max_diff']:.1e}"] for r in rows],
                    headers=["prompt length", "compiled for", "seqpar compiles", "call seconds (rank 0)",
                             "max |diff| vs one device"]))

@@ -98,12 +98,18 @@ def attention_work_table(work) -> str:
             + f"\nmax / mean = {max(per_rank) / mean:.3f}\n")
 
 
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.t.default,
+          torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.expand.default,
+          torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims,
+          torch.ops.aten.slice.Tensor, torch.ops.aten.alias.default, torch.ops.aten.select.int}
+
+
 def largest_intermediates(gm: torch.fx.GraphModule, k: int = 5) -> list:
     """The ``k`` largest tensors this rank's local graph makes (weights and inputs left out):
     (node, shape, dtype, bytes, module), largest first. What grows with the prompt shows here."""
     rows = []
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or n.target in _VIEWS:            # views share their input's memory
             continue
         vals = n.meta.get("val")
         for v in vals if isinstance(vals, (tuple, list)) else [vals]:

@@ -219,8 +219,14 @@ def test_cli_plan_json_and_errors(capsys):
 def test_dump_writes_graph_and_collectives(tmp_path):
     paths = dump(load_config("gpt2"), "ulysses", 4, 1, 256, str(tmp_path))
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["collectives.json", "collectives.txt", "cost.txt", "graph.txt"]
+    assert names == ["collectives.json", "collectives.txt", "cost.txt", "graph.txt", "memory.txt"]
     assert "all_to_all" in (tmp_path / "collectives.txt").read_text()
+    memory = (tmp_path / "memory.txt").read_text().splitlines()
+    rows = memory[memory.index(next(line for line in memory if line.startswith("---"))) + 1:]
+    assert "largest intermediates" in "\n".join(memory) and len(rows) == 5
+    sizes = [int(next(w for w in row.split() if w.replace(",", "").isdigit() and "," in w).replace(",", ""))
+             for row in rows]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
     assert "rank=1" in (tmp_path / "graph.txt").read_text()
     assert main(["dump", "--model", "gpt2", "--strategy", "tp", "--world-size", "4", "--rank", "0",
                  "--seq-len", "128", "--out", str(tmp_path / "cli")]) == 0
