@@ -1,8 +1,8 @@
 """seqpar: a torch.compile backend that shards LLM prefill over ranks by sequence or heads."""
 from .config import Options
-from .errors import OptionsError, SeqparError, ShapeConstraintError, ShardingError, UnsupportedOpError
+from .errors import InputError, OptionsError, SeqparError, ShapeConstraintError, ShardingError, UnsupportedOpError
 from .strategies import STRATEGIES, Strategy
 
-__all__ = ["Options", "STRATEGIES", "Strategy", "SeqparError", "OptionsError", "ShardingError",
+__all__ = ["Options", "STRATEGIES", "Strategy", "SeqparError", "OptionsError", "InputError", "ShardingError",
            "UnsupportedOpError", "ShapeConstraintError"]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["SeqparError", "OptionsError", "InputError", "ShardingError", "UnsupportedOpError", "ShapeConstraintError", "module_path"]
+__all__ = ["SeqparError", "OptionsError", "InputError", "ShardingError", "UnsupportedOpError", "ShapeConstraintError",
+           "module_path"]
 
 
 class SeqparError(RuntimeError):

@@ -542,9 +542,14 @@ def _attention_rule(node, ctx, P):
     # rows -> every output led by [B, H, S_q]
     lead = 2 if strategy.attention == "heads" else 3
     vals = node.meta["val"]
-    out = tuple(split if isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == shape_of(q)[:lead]
-                else Replicate() for v in (vals if isinstance(vals, (tuple, list)) else [vals]))
-    return Decision(out if isinstance(vals, (tuple, list)) else out[0], wants, group=node)
+    many = isinstance(vals, (tuple, list))
+
+    def placed(v):
+        like_q = isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == shape_of(q)[:lead]
+        return split if like_q else Replicate()
+
+    out = tuple(placed(v) for v in vals) if many else placed(vals)
+    return Decision(out, wants, group=node)
 
 
 # ----------------------------------------------------------------------------- the table

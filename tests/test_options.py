@@ -328,6 +328,7 @@ def test_no_dump_without_dump_dir(fake_pg, tmp_path, monkeypatch):
 
 
 def test_package_exports_errors():
-    for name in ("SeqparError", "OptionsError", "ShapeConstraintError", "ShardingError", "UnsupportedOpError"):
+    for name in ("SeqparError", "OptionsError", "InputError", "ShapeConstraintError", "ShardingError",
+                 "UnsupportedOpError"):
         assert issubclass(getattr(sp_compiler, name), SeqparError)
     assert issubclass(OptionsError, ValueError)
