@@ -2,6 +2,7 @@
 
     seqpar plan --model llama-3-8b --world-size 8 --seq-len 4096 [--batch 1] [--machine h100-nvlink]
     seqpar dump --model llama-3-8b --strategy ulysses --world-size 8 --rank 0 --seq-len 4096 --out DIR
+                (also prints the rank's largest intermediates)
     seqpar calibrate [--world-size 2] [--out PATH]
 
 ``plan`` prints one row per strategy: the collectives of one (steady-state) layer, their bytes
@@ -89,6 +90,9 @@ def _cmd_dump(args) -> int:
     paths = dump(load_config(args.model), args.strategy, args.world_size, args.rank, args.seq_len, args.out,
                  batch=args.batch, layers=args.layers, machine=args.machine)
     print("\n".join(paths))
+    memory = next(p for p in paths if p.endswith("memory.txt"))
+    with open(memory) as f:
+        print("\n" + f.read().split("\n\n", 1)[-1], end="")          # the table, without the header line
     return 0
 
 
