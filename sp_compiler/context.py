@@ -97,10 +97,9 @@ class PassContext:
             return make_shard(1)
         return Replicate()
 
-    def check_divisible(self, node, size: int, what: str, hint: str, by: Optional[int] = None):
-        by = by or self.world
-        if size % by:
-            whom = f"the world size ({self.world})" if by == self.world else f"{by} (2 x world size, zig-zag)"
+    def check_divisible(self, node, size: int, what: str, hint: str):
+        """Head counts must split evenly (a sequence length need not: ``placements.Layout``)."""
+        if size % self.world:
             raise ShapeConstraintError(
-                f"{what} ({size}) is not divisible by {whom} at node '{node.name}' "
+                f"{what} ({size}) is not divisible by the world size ({self.world}) at node '{node.name}' "
                 f"in module '{module_path(node)}'. Fix: {hint}")
