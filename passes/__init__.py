@@ -2,7 +2,7 @@
 
     capture (once per compile, ``capture_graph``)
       -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
-      -> localize -> rows_attention -> check_local_shapes
+      -> localize -> mask_blocks -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -21,6 +21,7 @@ from .capture import capture, copy_graph
 from .causal_mask import causal_mask
 from .insert import insert_collectives
 from .localize import localize
+from .mask_blocks import mask_blocks
 from .lower import check_local_shapes, lower
 from .prompt_length import prompt_length
 from .propagate import propagate
@@ -32,7 +33,7 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 log = logging.getLogger("seqpar")
 
 PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
-            rows_attention, check_local_shapes]
+            mask_blocks, rows_attention, check_local_shapes]
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:

@@ -37,7 +37,7 @@ aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 __all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_reduce", "reduce_scatter",
-           "all_to_all", "gather_rows"]
+           "all_to_all", "gather_rows", "ROWS_OF"]
 
 
 class Builder:
@@ -147,11 +147,17 @@ def _unpad_local(b, x, d, lay, rank):
                     for k, (_, n) in enumerate(lay.spans(rank))], d)
 
 
+#: node.meta key on a tensor narrowed to this rank's rows: the whole tensor it was narrowed from
+ROWS_OF = "seqpar_rows_of"
+
+
 def local_slice(b: Builder, x, gshape, want):
     """R -> S(d[, sf]): keep this rank's rows, no communication. A computed tensor is
     narrowed where it is made (``sp_compiler.narrow``), so no rank builds all of it."""
     if split_factor(want) == 1 and isinstance(x, Node) and x.op == "call_function" and not x.meta.get(INSERTED):
-        return narrow(b, x, want.dim, _slice_rows)
+        out = narrow(b, x, want.dim, _slice_rows)
+        out.meta[ROWS_OF] = x                      # passes/mask_blocks may cut these rows finer
+        return out
     return _slice_rows(b, x, want.dim, want, gshape)
 
 

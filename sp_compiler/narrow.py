@@ -31,9 +31,12 @@ _POINTWISE = {
 }
 
 
-def narrow(b, node: Node, dim: int, slice_fn, memo=None) -> Node:
-    """Nodes computing this rank's rows (dim ``dim``) of ``node``; ``slice_fn(b, x, dim)`` is the base case."""
+def narrow(b, node: Node, dim: int, slice_fn, memo=None, rows=None) -> Node:
+    """Nodes computing this rank's rows (dim ``dim``) of ``node``; ``slice_fn(b, x, dim)`` is the base case.
+    ``rows(global size) -> rows kept`` when the rows are not this rank's (a block of query rows)."""
     memo = {} if memo is None else memo
+    if rows is not None:
+        memo["rows"] = rows
     key = (node, dim)
     if key not in memo:
         memo[key] = _narrow(b, node, dim, slice_fn, memo)
@@ -58,7 +61,7 @@ def _narrow(b, node, dim, slice_fn, memo):
             x = narrow(b, x, dx, slice_fn, memo)
         sizes = list(sizes)
         sizes[dim] = -1 if dx >= 0 and shape_of(x) is not None else sizes[dim]
-        return _copy(b, node, [x, _local_sizes(b, sizes, dim, shape)], dim)
+        return _copy(b, node, [x, _local_sizes(b, sizes, dim, shape, memo)], dim)
     if t == aten.unsqueeze.default:
         x, u = node.args
         u = u % len(shape)
@@ -79,8 +82,9 @@ def _arg(b, a, out_ndim, dim, slice_fn, memo):
     return a if d < 0 or s[d] == 1 else narrow(b, a, d, slice_fn, memo)
 
 
-def _local_sizes(b, sizes, dim, shape):
-    sizes[dim] = b.ctx.layout(shape[dim]).local_size(b.ctx.rank)
+def _local_sizes(b, sizes, dim, shape, memo):
+    rows = memo.get("rows") or (lambda size: b.ctx.layout(size).local_size(b.ctx.rank))
+    sizes[dim] = rows(shape[dim])
     return sizes
 
 

@@ -1,0 +1,84 @@
+"""mask_blocks: attention over all query rows with an explicit mask, one block of rows at a time.
+
+Under the heads strategies (tp, megatron_sp*, ulysses) every rank attends over all S positions;
+a padding mask or packed documents leave HuggingFace's [B, 1, S, S] mask in the graph, which
+would be built whole on every rank. Cut the queries into blocks and build each block's rows of
+the mask from the positions (``sp_compiler.narrow`` pushes the row slice down to the aranges and
+the 2-D mask), so no tensor of S x S, or of S/N x S, exists:
+
+    before:  m = where(...)                               [B, 1, S, S]
+             o = attention(q [B, h, S, D], k, v, attn_mask=m)
+    after:   per block i of C rows:
+               m_i = m's rows iC..(i+1)C, made from the positions   [B, 1, C, S]
+               o_i = attention(q[:, :, iC:(i+1)C], k, v, attn_mask=m_i)
+             o = cat(o_i, dim 2)
+
+Rows attention (vanilla SP) holds only its own query rows; their mask rows (already narrowed by
+``insert``, S/N x S) are cut the same way, from the whole mask they were narrowed from. C keeps
+every block's mask under S^2 / (2N) elements. Masks smaller than ``MIN_MASK`` elements stay
+whole (one kernel call is faster and they cost little); causal masks are gone (``causal_mask``).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from sp_compiler import sdpa
+from sp_compiler.collectives import ROWS_OF, Builder
+from sp_compiler.context import INSERTED, PLACEMENT
+from sp_compiler.narrow import narrow
+from sp_compiler.rules import ATTENTION_OPS, shape_of
+
+aten = torch.ops.aten
+
+__all__ = ["mask_blocks", "MIN_MASK"]
+
+MIN_MASK = 1 << 22          # elements: smaller masks stay whole
+
+
+def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in ATTENTION_OPS:
+            continue
+        call = sdpa.bind(node)
+        m = call.mask
+        if m is None or m.op != "call_function" or any(u.target != operator.getitem for u in node.users):
+            continue
+        whole = m.meta.get(ROWS_OF, None if m.meta.get(INSERTED) else m)   # rows attention: this rank's rows
+        if whole is None or shape_of(whole) is None:
+            continue
+        B, _, rows, keys = shape_of(whole)
+        if rows != ctx.seq_len or B * rows * keys < MIN_MASK:
+            continue
+        block = min(max(1, rows // (2 * ctx.world * B)), math.ceil(rows / 2))     # B*C*S < S^2 / (2N)
+        spans = ctx.layout(rows).spans(ctx.rank) if whole is not m else [(0, rows)]
+        _split(gm, node, call, whole, spans, ctx, block)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _split(gm, node, call, whole, spans, ctx, block):
+    """``spans``: (global first row, rows) of the query rows this node holds, in local order."""
+    b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
+    outs, local = [], 0
+    for first, count in spans:
+        for start in range(first, first + count, block):
+            n = min(block, first + count - start)
+            q_i = b(aten.slice.Tensor, call.q, 2, local, local + n)
+            local += n
+            m_i = narrow(b, whole, 2, lambda b_, x, d, s=start, n_=n: b_(aten.slice.Tensor, x, d, s, s + n_),
+                         rows=lambda size, n_=n: n_)
+            args, kwargs = sdpa.to_args(call.replace(q=q_i, mask=m_i))
+            outs.append(b(operator.getitem, b(node.target, *args, **kwargs), sdpa.OUTPUT))
+    out = b(aten.cat.default, outs, 2)
+    out.meta[PLACEMENT] = node.meta[PLACEMENT][sdpa.OUTPUT] if isinstance(node.meta[PLACEMENT], tuple) \
+        else node.meta[PLACEMENT]
+    for u in list(node.users):
+        if u.args[1] == sdpa.OUTPUT:
+            u.replace_all_uses_with(out)
+            gm.graph.erase_node(u)
+    if not node.users:
+        gm.graph.erase_node(node)

@@ -1,0 +1,97 @@
+"""Long prompts: no rank builds a tensor of S x S (or S/N x S) elements.
+
+    structure   S = 16384 on a fake process group of 2, every strategy, causal / padded / packed
+                documents: no node of rank 0's local graph has S^2/N elements or more (the
+                graph runs on fake tensors: nothing is computed)
+    numerics    masked attention cut into query blocks (``passes/mask_blocks``, forced on at a
+                small S) matches one device on 2 gloo ranks, heads and rows strategies
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from models import build_model, make_inputs, packed_position_ids
+from sp_compiler.strategies import STRATEGIES
+from sp_compiler.testing import run_ranks
+
+__all__ = []
+
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
+
+LONG = 16384
+
+
+def _case_kwargs(case: str, B: int, S: int) -> dict:
+    if case == "padded":                                   # row b starts with 7*b+7 pad tokens
+        mask = torch.ones(B, S, dtype=torch.long)
+        for b in range(B):
+            mask[b, : 7 * (b + 1)] = 0
+        return dict(attention_mask=mask)
+    if case == "packed":
+        return dict(position_ids=packed_position_ids(B, [S // 3, S // 3, S - 2 * (S // 3)]))
+    return {}
+
+
+def _largest(gm):
+    sizes = []
+    for n in gm.graph.nodes:
+        vals = n.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else [vals]:
+            if isinstance(v, torch.Tensor):
+                sizes.append((v.numel(), n.name, tuple(v.shape)))
+    return max(sizes)
+
+
+@pytest.mark.parametrize("case", ["causal", "padded", "packed"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_no_rank_builds_s_by_s(strategy, case, fake_pg):
+    from sp_compiler.backend import last_graph
+
+    world = 2
+    fake_pg(world)
+    model = build_model("llama", max_position_embeddings=LONG)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "eager"})
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        fast(torch.zeros(1, LONG, dtype=torch.long), use_cache=False, logits_to_keep=1,
+             **_case_kwargs(case, 1, LONG))
+    gm, _ = last_graph()
+    numel, name, shape = _largest(gm)
+    assert numel < LONG * LONG // world, f"{name} {shape}: {numel} elements"
+
+
+def _blocked_body(strategies, cases, B, S):
+    import passes.mask_blocks as mask_blocks
+
+    mask_blocks.MIN_MASK = 1                               # cut every mask into query blocks
+    out = {}
+    model = build_model("llama")
+    for strategy in strategies:
+        for case in cases:
+            torch._dynamo.reset()
+            fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "aot_eager"})
+            with torch.no_grad():
+                out[(strategy, case)] = fast(make_inputs("llama", B, S), use_cache=False,
+                                             **_case_kwargs(case, B, S)).logits
+    return out
+
+
+BLOCKED = [(s, c) for s in ("ulysses", "tp", "megatron_sp", "vanilla_sp", "vanilla_sp_zigzag")
+           for c in ("padded", "packed")]
+
+
+@pytest.mark.parametrize("strategy,case", BLOCKED, ids=[f"{s}-{c}" for s, c in BLOCKED])
+def test_query_blocks_match_one_device(strategy, case):
+    from seqpar_testing import cached_run
+
+    B, S = 2, 61
+    results = cached_run(("blocked",), run_ranks, _blocked_body, 2, sorted({s for s, _ in BLOCKED}),
+                         ["padded", "packed"], B, S, timeout=900)
+    kwargs = _case_kwargs(case, B, S)
+    with torch.no_grad():
+        ref = build_model("llama")(make_inputs("llama", B, S), use_cache=False, **kwargs).logits
+    keep = kwargs.get("attention_mask", torch.ones(B, S)).bool()
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res[(strategy, case)][keep], ref[keep], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"rank {rank}: {m}")
