@@ -21,7 +21,7 @@ from sp_compiler.strategies import layer_path, tp_role
 
 aten = torch.ops.aten
 
-__all__ = ["annotate", "shard_tensor"]
+__all__ = ["annotate", "shard_tensor", "token_input"]
 
 
 def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -33,7 +33,7 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             ctx.sliced[i] = node.meta[PLACEMENT]
     ctx.options.plan.check(layer_path(module_path(n)) for n in gm.graph.nodes
                            if n.op == "call_function" and layer_path(module_path(n)))
-    tokens = _token_input(gm)
+    tokens = token_input(gm)
     if tokens is None:
         raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
                          "inputs_embeds is not supported. Fix: call the model with input_ids")
@@ -76,7 +76,8 @@ def shard_tensor(t: torch.Tensor, p, world: int, rank: int) -> torch.Tensor:
     return piece.reshape(shape[:d] + [-1] + shape[d + 1:]).contiguous()
 
 
-def _token_input(gm):
+def token_input(gm):
+    """The input_ids placeholder: the [B, S] integer input that feeds the embedding; None if none."""
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target == aten.embedding.default:
             idx = n.args[1]

@@ -21,6 +21,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from sp_compiler.rules import kept_rows, shape_of
 
+from .annotate import token_input
+
 aten = torch.ops.aten
 
 __all__ = ["prompt_length"]
@@ -31,9 +33,10 @@ def prompt_length(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         return gm
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    token = next(x for x, f in zip(ctx.example_inputs, ctx.input_fqns) if f is None and isinstance(x, torch.Tensor)
-                 and x.dim() == 2 and not x.is_floating_point())
-    padded_len = token.shape[1]
+    token = token_input(gm)
+    if token is None:                                   # annotate names the missing input_ids
+        return gm
+    padded_len = token.meta["val"].shape[1]
     with graph.inserting_after(placeholders[-1]):
         real = graph.placeholder("prompt_len")                               # [] int64: S
     ctx.example_inputs.append(torch.tensor(padded_len))

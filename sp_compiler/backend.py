@@ -65,9 +65,10 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False):
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
     dumper.attention_work(ctx.attention_work)
-    dumper.write("outputs.txt", layout_table(layout_of(ctx)))
+    layout = layout_of(ctx)
+    dumper.write("outputs.txt", layout_table(layout))
     _last_report[:] = ctx.collectives
-    _last.update(gm=aten_gm, ctx=ctx, layout=layout_of(ctx))
+    _last.update(gm=aten_gm, ctx=ctx, layout=layout)
     log.info("seqpar: %s on %d ranks, collectives per layer:\n%s", opts.strategy, world, layer_summary(ctx.collectives))
     return lower(aten_gm, ctx)
 
