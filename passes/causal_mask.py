@@ -53,7 +53,7 @@ __all__ = ["causal_mask", "is_causal_mask", "mask_rows", "Rows", "Dense"]
 
 
 def causal_mask(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    cache = {}
+    cache, env = {}, {}                 # env: abstract values shared by every layer's mask (HF: one per layer)
     for node in list(gm.graph.nodes):
         if not sdpa.is_attention(node):
             continue
@@ -65,7 +65,7 @@ def causal_mask(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         if sq != sk or shape_of(mask) is None or tuple(shape_of(mask)[-2:]) != (sq, sk):
             continue                                    # a broadcast row or column is never causal
         if mask not in cache:
-            cache[mask] = is_causal_mask(gm, mask)
+            cache[mask] = is_causal_mask(gm, mask, env)
         if cache[mask]:
             sdpa.with_causal(node)
             log.debug("seqpar: %s: constant causal mask %s dropped", node.name, mask.name)
@@ -74,13 +74,14 @@ def causal_mask(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     return gm
 
 
-def is_causal_mask(gm: torch.fx.GraphModule, mask: Node) -> bool:
+def is_causal_mask(gm: torch.fx.GraphModule, mask: Node, env: Optional[dict] = None) -> bool:
     """True only if ``mask`` depends on no graph input and equals the causal pattern (bool: True on
-    and below the diagonal, False above; float: 0 on and below, -inf above) for every batch row."""
+    and below the diagonal, False above; float: 0 on and below, -inf above) for every batch row.
+    ``env``: abstract values of nodes already evaluated (shared between masks of one graph)."""
     shape = shape_of(mask)
     if shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
         return False
-    value = mask_rows(gm, mask)
+    value = mask_rows(gm, mask, env)
     if isinstance(value, Dense):
         m = value.t
         if not isinstance(m, torch.Tensor):
@@ -116,16 +117,23 @@ class Rows:
     dtype: torch.dtype = torch.bool
 
 
-def mask_rows(gm: torch.fx.GraphModule, mask: Node):
-    """Abstract value of ``mask``: Dense, Rows, or None (unknown / depends on a graph input)."""
+def mask_rows(gm: torch.fx.GraphModule, mask: Node, env: Optional[dict] = None):
+    """Abstract value of ``mask``: Dense, Rows, or None (unknown / depends on a graph input).
+    ``env`` (node -> abstract value) is read and filled: pass one dict to share work between masks."""
     shape = shape_of(mask)
     if shape is None or len(shape) < 2:
         return None
     limit = _limit(shape)
+    env = {} if env is None else env
     order, seen, stack = [], set(), [mask]
     while stack:
         n = stack.pop()
         if n in seen:
+            continue
+        if n in env:                    # evaluated for an earlier mask
+            if env[n] is None:
+                return None
+            seen.add(n)
             continue
         seen.add(n)
         if n.op == "placeholder":
@@ -133,7 +141,6 @@ def mask_rows(gm: torch.fx.GraphModule, mask: Node):
         order.append(n)
         stack.extend(n.all_input_nodes)
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    env = {}
     for n in sorted(order, key=index.__getitem__):
         try:
             env[n] = _eval(gm, n, env, limit)

@@ -14,9 +14,22 @@ the 2-D mask), so no tensor of S x S, or of S/N x S, exists:
              o = cat(o_i, dim 2)
 
 Rows attention (vanilla SP) holds only its own query rows; their mask rows (already narrowed by
-``insert``, S/N x S) are cut the same way, from the whole mask they were narrowed from. C keeps
-every block's mask under S^2 / (2N) elements. Masks smaller than ``MIN_MASK`` elements stay
-whole (one kernel call is faster and they cost little); causal masks are gone (``causal_mask``).
+``insert``, S/N x S) are cut the same way, from the whole mask they were narrowed from.
+
+Block size (``block_rows``): C keeps each block's mask near ``BLOCK_MASK`` elements, so the
+memory it takes stays flat as S grows, unless that would take more than ``MAX_BLOCKS`` blocks
+(each block is a kernel call and a few graph nodes); then C = rows / MAX_BLOCKS and a block's mask
+grows as S^2 / MAX_BLOCKS, still 64 times less than one device's [S, S] mask. A block never has
+more than S^2 / (2N) mask elements. Masks under ``MIN_MASK`` elements stay whole (one kernel call
+is faster and they cost little); causal masks are gone before this pass (``causal_mask``).
+
+The blocks are unrolled in the graph, not looped at run time: a loop would need a higher-order op
+(``torch.while_loop``) around HF's mask subgraph with a row offset known only at run time, which
+neither lowering here handles simply. On CPU, glibc's malloc can fragment under the blocks' short-
+lived temporaries: a freed block raises its mmap threshold (up to 32 MiB), later blocks come from
+the heap, and the heap grows (+1.1 GiB per rank at 32k with 16 Mi-element blocks). Blocks of 32 Mi
+elements keep every temporary, even a bool one, at or above that 32 MiB, so each one is mapped and
+given back whole (docs/long_prompts.md measures both).
 """
 from __future__ import annotations
 
@@ -33,9 +46,11 @@ from sp_compiler.rules import ATTENTION_OPS, shape_of
 
 aten = torch.ops.aten
 
-__all__ = ["mask_blocks", "MIN_MASK"]
+__all__ = ["mask_blocks", "block_rows", "MIN_MASK", "BLOCK_MASK", "MAX_BLOCKS"]
 
 MIN_MASK = 1 << 22          # elements: smaller masks stay whole
+BLOCK_MASK = 1 << 25        # elements of one block's mask: 32 MiB as bool, 128 MiB as float (see below)
+MAX_BLOCKS = 64             # blocks per attention call at most
 
 
 def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -52,12 +67,21 @@ def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         B, _, rows, keys = shape_of(whole)
         if rows != ctx.seq_len or B * rows * keys < MIN_MASK:
             continue
-        block = min(max(1, rows // (2 * ctx.world * B)), math.ceil(rows / 2))     # B*C*S < S^2 / (2N)
+        block = block_rows(B, rows, keys, ctx.world)
         spans = ctx.layout(rows).spans(ctx.rank) if whole is not m else [(0, rows)]
         _split(gm, node, call, whole, spans, ctx, block)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def block_rows(batch: int, rows: int, keys: int, world: int) -> int:
+    """Query rows per block: B*C*S at least BLOCK_MASK (by under one row), at most MAX_BLOCKS
+    blocks, and never over S^2 / (2N) mask elements (which wins over the other two)."""
+    flat = math.ceil(BLOCK_MASK / (batch * keys))               # memory that does not grow with S
+    few = math.ceil(rows / MAX_BLOCKS)                          # graph size that does not grow with S
+    below = max(1, rows // (2 * world * batch))                 # B*C*S <= S^2 / (2N)
+    return min(max(flat, few), below, math.ceil(rows / 2))
 
 
 def _split(gm, node, call, whole, spans, ctx, block):

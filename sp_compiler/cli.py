@@ -4,16 +4,22 @@
     seqpar dump --model llama-3-8b --strategy ulysses --world-size 8 --rank 0 --seq-len 4096 --out DIR
                 (also prints the rank's largest intermediates)
     seqpar calibrate [--world-size 2] [--out PATH]
+    seqpar bench --model bench-125m --layers 2 --seq-lens 1024,4096 --world-size 2 --out DIR
+                (or one process per rank: torchrun --nproc-per-node N -m sp_compiler.cli bench ...)
 
 ``plan`` prints one row per strategy: the collectives of one (steady-state) layer, their bytes
 (NCCL-tests sizes in the machine's dtype), predicted communication and compute per layer, the
 non-layer parts and the whole prefill; ``*`` marks the fastest. A strategy that cannot run the
 model on that many ranks shows the engine's reason instead.
+
+``bench`` measures the prefill of every strategy beside one-device eager, one-device torch.compile and
+transformers' ``tp_plan="auto"``, with the cost model's prediction beside each (``sp_compiler/bench.py``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -109,6 +115,37 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import BenchError, BenchSpec, format_table, missing_extras, run_bench, truncated_config, write_outputs
+    from .presets import load_config
+
+    references = [] if args.references == ["none"] else args.references
+    missing = missing_extras(references)
+    if missing:
+        raise BenchError(f"seqpar bench needs {', '.join(missing)}; install them with: pip install -e '.[bench]'")
+    config = truncated_config(load_config(args.model), args.layers)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 2))
+    spec = BenchSpec(model=args.model, config=config, seq_lens=tuple(args.seq_lens), world=world, batch=args.batch,
+                     strategies=tuple(args.strategies or ()), references=tuple(references), runs=args.runs,
+                     warmup=args.warmup, lower=args.lower, outputs=args.outputs, dtype=args.dtype,
+                     machine=args.machine, timeout=args.timeout, progress=not args.no_progress)
+    result = run_bench(spec)
+    if result is None:                       # a torchrun rank other than 0
+        return 0
+    print(format_table(result), end="")
+    if args.out:
+        print("\n" + "\n".join(write_outputs(result, args.out)))
+    return 1 if any(not r["ok"] for r in result["rows"]) else 0          # a run failed: its row says why
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1024,4096") \
+            from None
+
+
 def _strategy_list(text: str) -> List[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -119,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
     from .strategies import STRATEGIES
 
-    p = argparse.ArgumentParser(prog="seqpar", description="Plan, inspect and calibrate seqpar prefill.")
+    p = argparse.ArgumentParser(prog="seqpar", description="Plan, inspect, calibrate and benchmark seqpar prefill.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, *, machine_default="h100-nvlink"):
@@ -151,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--world-size", type=int, default=2, help="gloo processes (default 2)")
     sp.add_argument("--out", default=None, help="where to save the profile (default ~/.cache/seqpar/cpu-gloo.json)")
     sp.set_defaults(func=_cmd_calibrate)
+
+    sp = sub.add_parser("bench", help="measure every strategy's prefill beside one-device and HF TP references")
+    sp.add_argument("--model", required=True, help=f"a preset ({', '.join(preset_names())}) or a config.json")
+    sp.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
+    sp.add_argument("--seq-lens", type=_int_list, default=[1024, 4096], help="prompt lengths (default 1024,4096)")
+    sp.add_argument("--world-size", type=int, default=None,
+                    help="gloo ranks to spawn (default 2); under torchrun its WORLD_SIZE")
+    sp.add_argument("--batch", type=int, default=1, help="prompts per forward (default 1)")
+    sp.add_argument("--strategies", type=_strategy_list, default=None,
+                    help=f"comma-separated subset of {', '.join(STRATEGIES)} (default: all)")
+    sp.add_argument("--references", type=_strategy_list, default=["eager", "compile", "hf_tp"],
+                    help="comma-separated subset of eager,compile,hf_tp, or none (default: all three)")
+    sp.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
+    sp.add_argument("--lower", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                    help="seqpar's lowering, and the one-device compile reference's backend (default inductor)")
+    sp.add_argument("--outputs", default="replicate", choices=["replicate", "local"],
+                    help="seqpar's outputs option: replicate gathers the KV cache to every rank, local keeps each "
+                         "rank's share (as hf_tp does) (default replicate)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (default float32)")
+    sp.add_argument("--machine", default="auto",
+                    help=f"cost-model profile for the predictions: {', '.join(profile_names())}, auto (the GPU's, "
+                         f"else cpu-gloo, calibrated now when ~/.cache/seqpar has none) or none (default auto)")
+    sp.add_argument("--out", default=None, help="directory for bench.json, bench.md, bench.png")
+    sp.add_argument("--timeout", type=float, default=3600, help="seconds before the ranks are given up (default 3600)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=_cmd_bench)
     return p
 
 

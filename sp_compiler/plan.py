@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ class FakeModel:
     config: object
     layers: int
     dtype: torch.dtype
-    traces: dict = field(default_factory=dict)     # (batch, seq_len) -> (Dynamo graph, example inputs)
+    traces: dict = field(default_factory=dict)     # (batch, seq_len, call) -> (Dynamo graph, example inputs)
 
 
 def _truncated(config, layers: int):
@@ -109,10 +109,15 @@ def _check_seq_len(config, seq_len: int, batch: int):
                         f"use seq_len <= {limit}")
 
 
-def dynamo_graph(fm: FakeModel, batch: int, seq_len: int):
+def dynamo_graph(fm: FakeModel, batch: int, seq_len: int, call: Optional[Mapping] = None):
     """(Dynamo FX graph, example inputs) of one forward on ``[batch, seq_len]`` input_ids, traced once
-    per shape and kept on ``fm``: the graph does not depend on the strategy or the world size."""
-    key = (batch, seq_len)
+    per shape and call and kept on ``fm``: the graph does not depend on the strategy or the world size.
+
+    ``call``: keyword arguments of the forward (default ``use_cache=False``, all logits), e.g.
+    ``{"logits_to_keep": 1, "use_cache": True}`` for a generation's prefill.
+    """
+    kwargs = {"use_cache": False, **dict(call or {})}
+    key = (batch, seq_len, tuple(sorted(kwargs.items())))
     if key not in fm.traces:
         captured = {}
 
@@ -127,7 +132,7 @@ def dynamo_graph(fm: FakeModel, batch: int, seq_len: int):
         try:
             compiled = torch.compile(fm.model, backend=record, fullgraph=True, dynamic=False)
             with torch.no_grad(), fm.mode:
-                compiled(torch.zeros(batch, seq_len, dtype=torch.long), use_cache=False)
+                compiled(torch.zeros(batch, seq_len, dtype=torch.long), **kwargs)
         except Exception as e:  # noqa: BLE001 - rethrown typed
             raise PlanError(f"Dynamo cannot trace {type(fm.config).__name__} as one graph: "
                             f"{type(e).__name__}: {' '.join(str(e).split())[:500]}") from e
@@ -249,13 +254,16 @@ def best_of(preds: Sequence[Prediction], world: int) -> str:
 
 
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
-         strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True) -> List[Prediction]:
+         strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True,
+         call: Optional[Mapping] = None, outputs: str = "replicate") -> List[Prediction]:
     """One Prediction per strategy (its slowest rank), in ``STRATEGIES`` order; illegal ones carry
     ``error`` (the engine's reason). Dynamo traces the weightless model once and seqpar captures it
     once; every strategy's pipeline then runs on a copy (``price_strategies``).
 
     The model is built in the machine's dtype (bf16 for GPU profiles, fp32 for cpu-gloo), so the
-    collective bytes are that dtype's.
+    collective bytes are that dtype's. ``call`` prices another forward than ``model(ids, use_cache=False)``
+    (e.g. ``{"logits_to_keep": 1, "use_cache": True}``; see :func:`dynamo_graph`); ``outputs`` is the
+    backend option of that name (``"local"``: each rank keeps its rows of the outputs, e.g. the KV cache).
     """
     from passes import capture_graph
 
@@ -267,11 +275,12 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     _check_seq_len(config, seq_len, batch)
     fm = build_fake_model(config, layers=layers, dtype=machine.torch_dtype)
     with as_rank(world, 0):
-        dgm, inputs = dynamo_graph(fm, batch, seq_len)
+        dgm, inputs = dynamo_graph(fm, batch, seq_len, call)
         fqns = input_fqns(dgm)
         with torch.no_grad():
             captured = capture_graph(dgm, inputs)
-            return price_strategies(captured, inputs, fqns, Options(lower="eager"), world, machine,
+            options = Options.from_dict({"lower": "eager", "outputs": outputs})
+            return price_strategies(captured, inputs, fqns, options, world, machine,
                                     num_layers=config.num_hidden_layers, strategies=names,
                                     group=dist.group.WORLD.group_name, fusion=fusion)
 

@@ -2,6 +2,7 @@
 
     PRESETS["llama-3-8b"]()          -> LlamaConfig with Meta-Llama-3-8B's config.json values
     load_config("llama-3-70b")       -> a preset by name
+    load_config("bench-125m")        -> the small Llama ``seqpar bench`` times on CPU
     load_config("path/config.json")  -> any HuggingFace config.json (its ``model_type`` picks the class)
 
 Every config comes back with ``attn_implementation="sdpa"``, the attention path the
@@ -66,6 +67,14 @@ def qwen2_7b():
                        bos_token_id=151643, eos_token_id=151643)
 
 
+def bench_125m():
+    """A Llama-shaped ~125M model for ``seqpar bench``: 12 layers, hidden 768, 12 heads / 4 KV heads (GQA),
+    MLP 2048, vocab 32000 (random weights; no published checkpoint)."""
+    return _llama(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=2048, vocab_size=32000, max_position_embeddings=32768,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
 def gpt2():
     """GPT-2 (124M): 12 layers, hidden 768, 12 heads, MLP 3072, vocab 50257, 1024 learned positions."""
     from transformers import GPT2Config
@@ -81,6 +90,7 @@ PRESETS: Dict[str, Callable] = {
     "mistral-7b": mistral_7b,
     "qwen2-7b": qwen2_7b,
     "gpt2": gpt2,
+    "bench-125m": bench_125m,
 }
 
 

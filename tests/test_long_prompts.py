@@ -4,7 +4,8 @@
                 documents: no node of rank 0's local graph has S^2/N elements or more (the
                 graph runs on fake tensors: nothing is computed)
     numerics    masked attention cut into query blocks (``passes/mask_blocks``, forced on at a
-                small S) matches one device on 2 gloo ranks, heads and rows strategies
+                small S) matches one device on 2 gloo ranks, heads and rows strategies, and on
+                4 ranks for a heads and a rows strategy
 """
 from __future__ import annotations
 
@@ -77,17 +78,18 @@ def _blocked_body(strategies, cases, B, S):
     return out
 
 
-BLOCKED = [(s, c) for s in ("ulysses", "tp", "megatron_sp", "vanilla_sp", "vanilla_sp_zigzag")
+BLOCKED = [(2, s, c) for s in ("ulysses", "tp", "megatron_sp", "vanilla_sp", "vanilla_sp_zigzag")
            for c in ("padded", "packed")]
+BLOCKED += [(4, s, c) for s in ("ulysses", "vanilla_sp_zigzag") for c in ("padded", "packed")]
 
 
-@pytest.mark.parametrize("strategy,case", BLOCKED, ids=[f"{s}-{c}" for s, c in BLOCKED])
-def test_query_blocks_match_one_device(strategy, case):
+@pytest.mark.parametrize("world,strategy,case", BLOCKED, ids=[f"w{w}-{s}-{c}" for w, s, c in BLOCKED])
+def test_query_blocks_match_one_device(world, strategy, case):
     from seqpar_testing import cached_run
 
     B, S = 2, 61
-    results = cached_run(("blocked",), run_ranks, _blocked_body, 2, sorted({s for s, _ in BLOCKED}),
-                         ["padded", "packed"], B, S, timeout=900)
+    results = cached_run(("blocked", world), run_ranks, _blocked_body, world,
+                         sorted({s for w, s, _ in BLOCKED if w == world}), ["padded", "packed"], B, S, timeout=900)
     kwargs = _case_kwargs(case, B, S)
     with torch.no_grad():
         ref = build_model("llama")(make_inputs("llama", B, S), use_cache=False, **kwargs).logits
