@@ -281,14 +281,11 @@ def machine_profile():
     """The cost-model profile ``auto`` uses on this machine."""
     import os
 
-    from .cost_model import MachineProfile, load_calibration
+    from .cost_model import MachineProfile, cuda_profile_name, load_calibration
 
-    name = os.environ.get("SEQPAR_MACHINE")
+    name = os.environ.get("SEQPAR_MACHINE") or cuda_profile_name()
     if name:
         return name
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name()
-        return "h200-nvlink" if "H200" in dev else "a100-nvlink" if "A100" in dev else "h100-nvlink"
     prof = load_calibration()
     if prof is not None:
         return prof

@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import SeqparError
 
 __all__ = [
-    "BenchError", "BenchSpec", "PREFILL_CALL", "REFERENCES", "EXTRAS", "CollectiveCounter", "collective_size",
+    "BenchError", "BenchSpec", "DTYPES", "PREFILL_CALL", "REFERENCES", "EXTRAS", "CollectiveCounter", "collective_size",
     "missing_extras", "resolve_machine", "truncated_config", "build_model", "input_ids", "predict", "bench_rank",
     "run_bench", "rankings", "kendall_tau", "format_table", "plot", "write_outputs",
 ]
@@ -67,7 +67,7 @@ _CALL_TEXT = "model(input_ids, " + ", ".join(f"{k}={v}" for k, v in PREFILL_CALL
 REFERENCES = ("eager", "compile", "hf_tp")
 #: Python module -> pip package of the ``bench`` extra, and what needs it.
 EXTRAS = {"tqdm": "tqdm", "matplotlib": "matplotlib", "accelerate": "accelerate (for hf_tp)"}
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 _OUTPUTS_NOTE = {"replicate": "every rank gets the whole KV cache; hf_tp keeps its cache split by heads",
                  "local": "each rank keeps its own rows or heads of the KV cache, as hf_tp does"}
 _ONE_DEVICE_BACKEND = {"inductor": "inductor", "aot_eager": "aot_eager", "eager": "eager"}
@@ -113,8 +113,8 @@ class BenchSpec:
             raise BenchError(f"lower={self.lower!r}; choose one of {list(LOWERINGS)}")
         if self.outputs not in OUTPUTS:
             raise BenchError(f"outputs={self.outputs!r}; choose one of {list(OUTPUTS)}")
-        if self.dtype not in _DTYPES:
-            raise BenchError(f"dtype={self.dtype!r}; choose one of {list(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise BenchError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
         if not self.seq_lens or any(int(s) < 1 for s in self.seq_lens):
             raise BenchError(f"seq_lens={list(self.seq_lens)}: give one or more positive lengths, e.g. 1024,4096")
         if self.runs < 1 or self.warmup < 0 or self.batch < 1 or self.world < 1:
@@ -237,16 +237,12 @@ def missing_extras(references: Sequence[str] = REFERENCES) -> List[str]:
 def resolve_machine(machine):
     """A MachineProfile for predictions, or None for 'none'. 'auto': the GPU's profile under CUDA, else
     cpu-gloo (the saved calibration; without one, ``get_profile`` measures this machine, ~10 s)."""
-    from .cost_model import get_profile
+    from .cost_model import CPU_PROFILE, cuda_profile_name, get_profile
 
     if machine is None or machine == "none":
         return None
     if machine == "auto":
-        if torch.cuda.is_available():
-            dev = torch.cuda.get_device_name()
-            machine = "h200-nvlink" if "H200" in dev else "a100-nvlink" if "A100" in dev else "h100-nvlink"
-        else:
-            machine = "cpu-gloo"
+        machine = cuda_profile_name() or CPU_PROFILE
     return get_profile(machine)
 
 

@@ -153,6 +153,8 @@ def _strategy_list(text: str) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     from .cost_model import profile_names
+    from .bench import DTYPES
+    from .config import LOWERINGS, OUTPUTS
     from .presets import preset_names
     from .strategies import STRATEGIES
 
@@ -202,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of eager,compile,hf_tp, or none (default: all three)")
     sp.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
     sp.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling one (default 1)")
-    sp.add_argument("--lower", default="inductor", choices=["inductor", "aot_eager", "eager"],
+    sp.add_argument("--lower", default="inductor", choices=list(LOWERINGS),
                     help="seqpar's lowering, and the one-device compile reference's backend (default inductor)")
-    sp.add_argument("--outputs", default="replicate", choices=["replicate", "local"],
+    sp.add_argument("--outputs", default="replicate", choices=list(OUTPUTS),
                     help="seqpar's outputs option: replicate gathers the KV cache to every rank, local keeps each "
                          "rank's share (as hf_tp does) (default replicate)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    sp.add_argument("--dtype", default="float32", choices=list(DTYPES),
                     help="model dtype (default float32)")
     sp.add_argument("--machine", default="auto",
                     help=f"cost-model profile for the predictions: {', '.join(profile_names())}, auto (the GPU's, "

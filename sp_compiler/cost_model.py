@@ -37,7 +37,7 @@ from .errors import SeqparError
 
 __all__ = [
     "MachineProfile", "PROFILES", "ProfileError", "Prediction", "LayerCost", "RING_FACTORS",
-    "get_profile", "profile_names", "collective_time", "node_flops", "node_bytes", "node_time",
+    "get_profile", "cuda_profile_name", "profile_names", "collective_time", "node_flops", "node_bytes", "node_time",
     "node_layers", "node_kind", "fusion_groups", "is_decoder_layer", "layer_costs", "predict",
     "calibration_path", "load_calibration", "calibrate", "fit_latency_bw", "model_dtype", "dtype_scale",
 ]
@@ -96,6 +96,14 @@ RING_FACTORS = {
 def profile_names() -> List[str]:
     """Every profile name ``get_profile`` accepts."""
     return list(PROFILES) + [CPU_PROFILE]
+
+
+def cuda_profile_name() -> Optional[str]:
+    """The GPU profile closest to this machine's CUDA device (H200, A100, else H100); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.cuda.get_device_name()
+    return "h200-nvlink" if "H200" in dev else "a100-nvlink" if "A100" in dev else "h100-nvlink"
 
 
 def get_profile(machine) -> MachineProfile:
