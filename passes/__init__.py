@@ -2,7 +2,7 @@
 
     capture (once per compile, ``capture_graph``)
       -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
-      -> localize -> mask_blocks -> rows_attention -> check_local_shapes
+      -> localize -> kv_attention -> mask_blocks -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -20,6 +20,7 @@ from .annotate import annotate
 from .capture import capture, copy_graph
 from .causal_mask import causal_mask
 from .insert import insert_collectives
+from .kv_attention import kv_attention
 from .localize import localize
 from .mask_blocks import mask_blocks
 from .lower import check_local_shapes, lower
@@ -33,13 +34,14 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 log = logging.getLogger("seqpar")
 
 PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
-            mask_blocks, rows_attention, check_local_shapes]
+            kv_attention, mask_blocks, rows_attention, check_local_shapes]
 
 
-def capture_graph(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
-    """Dynamo's graph -> the ATen graph every strategy's pipeline starts from (once per compile)."""
+def capture_graph(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:
+    """Dynamo's graph -> the ATen graph every strategy's pipeline starts from (once per compile);
+    ``fakes``: Dynamo's symbolic placeholder values, to keep a KV cache's length symbolic."""
     with _blame("capture"):
-        return capture(gm, example_inputs)
+        return capture(gm, example_inputs, fakes)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,9 @@
 """annotate: give graph inputs their placements.
 
     user inputs (input_ids, position_ids, masks)     Replicate  (every rank gets the full prompt)
+    KV cache stand-ins (outputs="local", ``sp_compiler.kv``)
+        split by heads                               S(1): this rank's KV heads, swapped in per call
+        split by sequence                            RankLocal: this rank's rows (passes/kv_attention)
     parameters and buffers                           Replicate, or, where the strategy runs a block
                                                      tensor-parallel, the TP plan's slice:
         colwise  Linear [out, in] -> S(0)   Conv1D [in, out] -> S(1)   bias -> S(0)
@@ -16,7 +19,7 @@ import torch
 
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
-from sp_compiler.placements import Replicate, is_shard, make_shard, split_factor
+from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, split_factor
 from sp_compiler.strategies import layer_path, tp_role
 
 aten = torch.ops.aten
@@ -27,6 +30,9 @@ __all__ = ["annotate", "shard_tensor", "token_input"]
 def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, node in enumerate(placeholders):
+        if i in ctx.kv:
+            node.meta[PLACEMENT] = RankLocal() if ctx.kv[i].split == "seq" else Shard(1)
+            continue
         node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
         if is_shard(node.meta[PLACEMENT]):
             ctx.local_inputs[i] = shard_tensor(ctx.example_inputs[i], node.meta[PLACEMENT], ctx.world, ctx.rank)

@@ -21,14 +21,19 @@ __all__ = ["capture", "copy_graph"]
 _DECOMPOSE = torch._decomp.get_decompositions([torch.ops.aten.addmm])
 
 
-def capture(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
-    """Once per compile, before the passes (``strategy="auto"`` prices every strategy on copies)."""
-    for x in example_inputs:
-        if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
-                isinstance(s, torch.SymInt) for s in x.shape)):
-            raise SeqparError("capture needs concrete shapes; the backend compiles symbolic graphs per shape")
-    fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
-    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+def capture(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:
+    """Once per compile, before the passes (``strategy="auto"`` prices every strategy on copies).
+    ``fakes``: Dynamo's own (symbolic) values of the placeholders, for a graph whose KV cache length is
+    symbolic; without them the graph is traced at the example inputs' concrete shapes."""
+    if fakes is None:
+        for x in example_inputs:
+            if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+                    isinstance(s, torch.SymInt) for s in x.shape)):
+                raise SeqparError("capture needs concrete shapes; the backend compiles symbolic graphs per shape")
+        fake_mode = detect_fake_mode(example_inputs) or torch._subclasses.FakeTensorMode()
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    else:
+        fake_mode = next(f.fake_mode for f in fakes if isinstance(f, torch._subclasses.FakeTensor))
     # Running Dynamo's graph through an Interpreter under preserve_node_meta() stamps every
     # ATen node with the nn_module_stack of the torch-level node it came from.
     with torch.no_grad(), fake_mode, fx_traceback.preserve_node_meta():

@@ -17,35 +17,69 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from sp_compiler.errors import SeqparError
 
 log = logging.getLogger("seqpar")
 
-__all__ = ["check_local_shapes", "lower", "local_example_inputs"]
+__all__ = ["check_local_shapes", "lower", "local_example_inputs", "fake_inputs", "refresh_vals"]
 
 
 def local_example_inputs(ctx) -> list:
-    return [ctx.local_inputs.get(i, x) for i, x in enumerate(ctx.example_inputs)]
+    """What this rank's graph takes: sliced weights and KV cache shards in place of the full tensors."""
+    return [ctx.kv[i].local if i in ctx.kv else ctx.local_inputs.get(i, x) for i, x in enumerate(ctx.example_inputs)]
+
+
+def fake_inputs(ctx, local: bool = True) -> list:
+    """A fake of every graph input: this rank's (``local``) or the global ones. A symbolic graph (a KV
+    cache of symbolic length) keeps Dynamo's symbols: a KV cache split by heads is [B, Hkv/N, S, D] with
+    Dynamo's S. An input a pass replaced (``ctx.fakes[i]`` None) is faked from its concrete tensor."""
+    symbolic = ctx.fakes is not None
+    mode = _mode_of(ctx.fakes) if symbolic else FakeTensorMode(allow_non_fake_inputs=True)
+    out = []
+    for i, x in enumerate(local_example_inputs(ctx) if local else ctx.example_inputs):
+        dynamo = ctx.fakes[i] if symbolic and i < len(ctx.fakes) else None
+        mine = local and (i in ctx.kv or i in ctx.local_inputs)
+        if mine and ctx.kv.get(i) is not None and ctx.kv[i].split == "heads" and isinstance(dynamo, torch.Tensor):
+            with mode:
+                out.append(torch.empty([x.shape[0], x.shape[1], dynamo.shape[2], *x.shape[3:]], dtype=x.dtype,
+                                       device=x.device))
+        elif dynamo is not None and not mine:
+            out.append(dynamo)
+        elif isinstance(x, torch.Tensor):
+            out.append(mode.from_tensor(x, static_shapes=True))
+        else:
+            out.append(x)
+    return out
+
+
+def refresh_vals(gm: torch.fx.GraphModule, ctx, local: bool = False):
+    """meta['val'] of every node from ``fake_inputs(ctx, local)`` (after a pass changed sizes or inputs)."""
+    fakes = fake_inputs(ctx, local)
+    with torch.no_grad():
+        FakeTensorProp(gm, _mode_of(fakes)).propagate_dont_convert_inputs(*fakes)
+
+
+def _mode_of(fakes):
+    """The fake mode of these fakes (not ``detect_fake_mode``'s: that prefers Dynamo's ambient one)."""
+    return next(f.fake_mode for f in fakes if isinstance(f, FakeTensor))
 
 
 def check_local_shapes(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     """Re-run the graph on fake local inputs: refreshes meta['val'] to local shapes."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in local_example_inputs(ctx)]
     try:
-        with torch.no_grad():
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        refresh_vals(gm, ctx, local=True)
     except Exception as e:  # noqa: BLE001 - rethrown with the node that failed
         raise SeqparError(f"the transformed graph is inconsistent: {e}") from e
     return gm
 
 
 def lower(gm: torch.fx.GraphModule, ctx):
-    """A callable taking Dynamo's flat inputs (full weights) and returning the graph's outputs."""
-    inputs = local_example_inputs(ctx)
+    """A callable taking Dynamo's flat inputs (full weights) and returning the graph's outputs.
+    A symbolic graph is lowered on fakes, so it stays symbolic (Inductor: one kernel for every length)."""
+    inputs = fake_inputs(ctx) if ctx.fakes is not None else local_example_inputs(ctx)
     how = ctx.options.lower
     with torch.no_grad():
         if how == "inductor":

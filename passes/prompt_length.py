@@ -16,12 +16,10 @@ size is S_b. Graphs compiled for their exact length skip this pass.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
 from sp_compiler.rules import kept_rows, shape_of
 
 from .annotate import token_input
+from .lower import refresh_vals
 
 aten = torch.ops.aten
 
@@ -41,6 +39,8 @@ def prompt_length(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         real = graph.placeholder("prompt_len")                               # [] int64: S
     ctx.example_inputs.append(torch.tensor(padded_len))
     ctx.input_fqns.append(None)
+    if ctx.fakes is not None:
+        ctx.fakes.append(None)
     for node in list(graph.nodes):
         kept = kept_rows(node) if node.op == "call_function" else None
         if kept is None or shape_of(kept[1])[kept[0]] != padded_len:
@@ -65,13 +65,5 @@ def prompt_length(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     gm.recompile()
-    _refresh_vals(gm, ctx)
+    refresh_vals(gm, ctx)                                # meta['val'] for the nodes this pass made
     return gm
-
-
-def _refresh_vals(gm, ctx):
-    """meta['val'] for the nodes this pass made (the others keep theirs)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs]
-    with torch.no_grad():
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)

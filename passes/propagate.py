@@ -17,7 +17,7 @@ from torch.fx import Node
 from sp_compiler.context import PLACEMENT, Demand
 from sp_compiler.errors import module_path
 from sp_compiler.strategies import layer_path
-from sp_compiler.placements import Replicate, is_partial, is_shard
+from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard
 from sp_compiler.rules import TRANSPARENT, map_through, rule_for, shape_of
 
 __all__ = ["propagate", "placement_of"]
@@ -57,8 +57,9 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 def _output_placement(p, ctx):
     """outputs='replicate': every rank returns the whole result. outputs='local': a sharded output
     stays where it was computed (``backend.output_layout`` says which rows each rank holds); only a
-    partial sum is completed."""
-    if ctx.options.outputs == "local" and is_shard(p):
+    partial sum is completed. A KV cache kept split by sequence stays so (passes/kv_attention returns
+    its new rows instead)."""
+    if (ctx.options.outputs == "local" and is_shard(p)) or is_rank_local(p):
         return p
     return Replicate()
 

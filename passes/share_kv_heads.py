@@ -13,16 +13,21 @@ before sharding, so every later pass sees an ordinary head split:
 with Wk' = Wk with each head repeated N/Hkv times (rows, and the bias). Rank r then gets
 exactly KV head r // (N/Hkv): one head's weights, no duplicated work on any rank. Only
 layers whose strategy slices attention weights (tp, megatron_sp, megatron_sp_tp) change.
+
+A KV cache read by the graph is widened the same way: a whole one (an input) by repeating its
+heads before the concatenation with the new rows, one kept split by heads (``outputs="local"``:
+rank r holds the one KV head it uses) by seeing its input as the widened [B, N, S, D]. The
+cache a graph returns goes back to the model's Hkv heads (``k[:, ::N/Hkv]``), unless it stays
+split (``outputs="local"``): then each rank keeps its KV head.
 """
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
 from sp_compiler.errors import ShapeConstraintError, module_path
 from sp_compiler.rules import ATTENTION_OPS, attention_inputs, shape_of
 from sp_compiler.strategies import layer_path, tp_role
+
+from .lower import refresh_vals
 
 aten = torch.ops.aten
 
@@ -58,9 +63,7 @@ def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         _widen(gm, attn, placeholders, ctx, hkv, H, D)
         changed = True
     if changed:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs]
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        refresh_vals(gm, ctx)
     return gm
 
 
@@ -97,6 +100,27 @@ def _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep):
             cut = gm.graph.call_function(aten.slice.Tensor, (o, 1, 0, 9223372036854775807, rep))
         cut.meta.update({k: v for k, v in o.meta.items() if k != "val"})
         output.replace_input_with(o, cut)
+
+
+def _widen_cache(gm, cat, cache, i, ctx, rep):
+    """A KV cache input [B, Hkv, S, D] meeting the widened new rows: a whole one gets each head repeated
+    (repeat_interleave, before the cat); one kept split by heads is the widened cache already (rank r holds
+    the KV head it uses), so only its global shape changes to [B, N, S, D]."""
+    if i in ctx.kv:
+        x = ctx.example_inputs[i]
+        shape = [x.shape[0], x.shape[1] * rep, *x.shape[2:]]
+        ctx.example_inputs[i] = x.as_strided(shape, [0] * len(shape)) if x.stride(1) == 0 \
+            else x.repeat_interleave(rep, 1)                         # a stand-in stays one element
+        if ctx.fakes is not None and ctx.fakes[i] is not None:
+            fake = ctx.fakes[i]
+            with fake.fake_mode:
+                ctx.fakes[i] = torch.empty([fake.shape[0], fake.shape[1] * rep, *fake.shape[2:]], dtype=fake.dtype,
+                                           device=fake.device)
+        return
+    with gm.graph.inserting_before(cat):
+        wide = gm.graph.call_function(aten.repeat_interleave.self_int, (cache, rep, 1))
+    wide.meta.update({key: val for key, val in cache.meta.items() if key != "val"})
+    cat.replace_input_with(cache, wide)
 
 
 def _kv_projections(gm, attn, placeholders, ctx):
@@ -139,7 +163,13 @@ def _widen(gm, attn, placeholders, ctx, hkv, H, D):
     for i in _kv_projections(gm, attn, placeholders, ctx):
         ctx.example_inputs[i] = widen(ctx.example_inputs[i])
         ctx.widen[i] = widen
-    _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep)
+        if ctx.fakes is not None:
+            ctx.fakes[i] = None                                      # faked from the widened weight
+    for cat in [n for n in _kv_path(gm, attn, placeholders, ctx) if n.target == aten.cat.default]:
+        for cache in [x for x in cat.args[0] if x.op == "placeholder"]:
+            _widen_cache(gm, cat, cache, placeholders.index(cache), ctx, rep)
+    if ctx.options.outputs != "local":
+        _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep)
     for n in _kv_path(gm, attn, placeholders, ctx):                  # sizes between projection and attention
         if n.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) \
                 and n.args[1][-1] == hkv * D:

@@ -6,15 +6,22 @@ Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), s
 name works without importing this package. Every rank of the default process group
 compiles the same graph with its own rank; the world size is the group's.
 
-    static Dynamo graph (the first length)   -> one graph for that exact length (``_compile``)
-    symbolic Dynamo graph (a second length)  -> ``_Bucketed``: one graph per bucket of lengths,
+    static Dynamo graph (the first length)   -> one graph for that exact length (``_Graph``)
+    symbolic prompt length (a second length) -> ``_Bucketed``: one graph per bucket of lengths,
                                                 the prompt padded on the right, outputs cut back
+    a graph that reads a KV cache            -> ``_Graph``, symbolic in the cache's length when Dynamo
+      (a decode step, a follow-up prefill)      made it so: one graph for every step
 
 ``_compile``: capture once -> the pass pipeline (``passes.PIPELINE``) -> lower.
+
+With ``outputs="local"`` the KV cache stays split between the ranks for the whole generation:
+HuggingFace's cache holds stand-ins and each rank its share (``sp_compiler.kv``); ``_Graph`` swaps
+them in and out around every call and decides which rank keeps a decode step's new rows.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections import OrderedDict
@@ -26,14 +33,18 @@ from tabulate import tabulate
 
 from passes import capture_graph, lower, run_pipeline
 
+from passes.kv_attention import cache_outputs
+
 from .config import Options
 from .context import PassContext, layer_of
 from .dump import GraphDumper, layer_summary, layout_of, layout_table
 from .errors import InputError
-from .strategies import layer_path
+from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
+from .placements import Layout, is_rank_local, is_replicate, is_shard
+from .strategies import STRATEGIES, layer_path
 
 __all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "input_fqns",
-           "world_info", "bucket_length"]
+           "world_info", "bucket_length", "reads_kv_cache", "keep_kv_local", "Compiled", "KVStep"]
 
 log = logging.getLogger("seqpar")
 _last_report: List[dict] = []
@@ -48,18 +59,33 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     opts = Options.from_dict(options)
     fqns = input_fqns(gm)                       # Dynamo drops this metadata once the backend returns
     check_devices(example_inputs, fqns, gm)
-    if any(_symbolic(x) for x in example_inputs):
+    if any(_symbolic(x) for x in example_inputs) and not reads_kv_cache(gm, example_inputs):
         return _Bucketed(gm, example_inputs, opts, fqns)
-    return _compile(gm, list(example_inputs), opts, fqns)
+    return _Graph(gm, list(example_inputs), opts, fqns)
 
 
-def _compile(gm, example_inputs, opts, fqns, real_len=False):
+class Compiled:
+    """One lowered graph and what the caller needs to know of it."""
+
+    def __init__(self, run, ctx, layout, caches):
+        self.run, self.ctx, self.layout = run, ctx, layout
+        self.caches = {i: key for i, (key, _) in caches.items()}      # output -> KV key ('model.layers.0.k')
+        self.cache_shapes = {i: shape for i, (_, shape) in caches.items()}   # as the model makes them
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+
+def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
     world, rank, group = world_info()
     dumper = GraphDumper(opts.dump_dir, rank)
-    captured = capture_graph(gm, example_inputs)
+    captured = capture_graph(gm, example_inputs, fakes)
+    caches = cache_outputs(captured)
+    short = _short_call(example_inputs, fqns, gm, opts, world)
     if opts.strategy == "auto":
         opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
-    ctx = PassContext(opts, world, rank, group, list(example_inputs), list(fqns), real_len=real_len)
+    ctx = PassContext(opts, world, rank, group, list(example_inputs), list(fqns), real_len=real_len, short=short,
+                      fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}))
     aten_gm = run_pipeline(captured, ctx, on_pass=dumper.on_pass)
     _compiles[0] += 1
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
@@ -69,8 +95,193 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False):
     dumper.write("outputs.txt", layout_table(layout))
     _last_report[:] = ctx.collectives
     _last.update(gm=aten_gm, ctx=ctx, layout=layout)
-    log.info("seqpar: %s on %d ranks, collectives per layer:\n%s", opts.strategy, world, layer_summary(ctx.collectives))
-    return lower(aten_gm, ctx)
+    log.info("seqpar: %s%s on %d ranks, collectives per layer:\n%s", opts.strategy, " (short call)" if short else "",
+             world, layer_summary(ctx.collectives))
+    return Compiled(lower(aten_gm, ctx), ctx, layout, caches)
+
+
+def _short_call(example_inputs, fqns, gm, opts, world) -> bool:
+    """Fewer tokens than sequence chunks (N, or 2N under zig-zag): a decode step or a tiny prompt runs
+    ``strategies.short_strategy``, so no rank ever holds an empty shard."""
+    token = _token_index(example_inputs, fqns, input_names(gm))
+    if token is None or world == 1:
+        return False
+    S = example_inputs[token].shape[1]
+    zigzag = any(STRATEGIES[n].zigzag for n in (opts.strategy, *dict(opts.layers).values()) if n in STRATEGIES)
+    return S < Layout(S, world, zigzag).n_chunks
+
+
+def reads_kv_cache(gm, example_inputs) -> bool:
+    """Does Dynamo's graph read a KV cache: a stand-in, or a user input that a cat along the sequence
+    (dim -2 of [B, H, S, D]) grows?"""
+    if any(is_stand_in(x) for x in example_inputs):
+        return True
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.cat:
+            tensors, dim = n.args[0], n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+            if dim in (-2, 2) and any(isinstance(t, torch.fx.Node) and t.op == "placeholder" for t in tensors):
+                return True
+    return False
+
+
+class _Graph:
+    """Dynamo's graph compiled as it is: static, or symbolic only in the length of a KV cache it reads
+    (then lowered on Dynamo's symbolic values: one graph for every decode step). With a KV cache kept
+    split between the ranks, one compiled graph per slot capacity (``sp_compiler.kv``). A graph whose
+    token count is symbolic too (follow-up prefills of several lengths) compiles per input shapes."""
+
+    def __init__(self, gm, example_inputs, opts, fqns):
+        self.gm, self.opts, self.fqns = gm, opts, fqns
+        self.names = input_names(gm)
+        self.token = _token_index(example_inputs, fqns, self.names)
+        fakes = _dynamo_fakes(gm) if any(_symbolic(x) for x in example_inputs) else None
+        self.exact = fakes is not None and (self.token is None or _symbolic(fakes[self.token]))
+        self.fakes = None if self.exact else fakes
+        self.kv = [i for i, x in enumerate(example_inputs) if is_stand_in(x)]
+        self.compiled: "OrderedDict[object, Compiled]" = OrderedDict()
+        if not self.exact:                               # exact: at the first call, which has concrete sizes
+            self._compiled_for(example_inputs, self._plan(example_inputs))
+
+    def _plan(self, args):
+        """The KV cache this call reads (None for a fresh one) and, split by sequence, where its new rows go."""
+        if not self.kv:
+            return None
+        states = {kv_of(args[i])[0] for i in self.kv}
+        if len(states) != 1:
+            raise InputError("the KV cache stand-ins of one call come from different caches. Fix: pass the cache "
+                             "returned by the previous call")
+        (state,) = states
+        return KVStep(state, args[self.token].shape[1], world_info()[0], self.opts)
+
+    def _compiled_for(self, args, step) -> Compiled:
+        key = None if step is None else step.state.slots.capacity if step.state.split == "seq" else "heads"
+        if self.exact:
+            key = (key, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if key not in self.compiled:
+            opts = self.opts if step is None else dataclasses.replace(self.opts, strategy=step.state.strategy)
+            kv = {} if step is None else {i: step.input(kv_of(args[i])[1]) for i in self.kv}
+            self.compiled[key] = _compile(self.gm, list(args), opts, self.fqns, fakes=self.fakes, kv=kv)
+            if len(self.compiled) > MAX_GRAPHS:
+                self.compiled.popitem(last=False)
+        self.compiled.move_to_end(key)
+        return self.compiled[key]
+
+    def __call__(self, *args):
+        step = self._plan(args)
+        graph = self._compiled_for(args, step)
+        local = list(args)
+        for i in self.kv:
+            local[i] = step.state.buffers[kv_of(args[i])[1]]
+        extra = [step.state.slots.positions] if step is not None and step.state.split == "seq" else []
+        outs = graph(*local, *extra)
+        _last["layout"] = graph.layout
+        if self.opts.outputs != "local":
+            return outs
+        return keep_kv_local(outs, graph, step, args[self.token].shape[1], self.opts)
+
+
+def _dynamo_fakes(gm) -> list:
+    """Dynamo's own values of the placeholders: fake tensors with its symbolic sizes, and SymInts."""
+    return [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+class KVStep:
+    """One call's new rows of a KV cache split by sequence: which rank keeps them, and their positions.
+
+        a decode step (fewer new rows than chunks): every rank computed them, the rank holding fewest
+            rows keeps them (``SeqSlots.owner``)
+        a follow-up prefill: each rank keeps the chunks of the new rows it computed (``Layout``)
+    """
+
+    def __init__(self, state: KVState, new: int, world: int, opts):
+        self.state, self.new = state, new
+        if state.split != "seq":
+            return
+        zigzag = STRATEGIES[state.strategy].zigzag
+        lay = Layout(new, world, zigzag)
+        if new < lay.n_chunks:
+            owner = state.slots.owner()
+            self.added = [new if r == owner else 0 for r in range(world)]
+            spans = [(0, new)] if owner == state.rank else []
+        else:
+            self.added = [lay.local_size(r) for r in range(world)]
+            spans = lay.spans(state.rank)
+        self.positions = torch.cat([torch.arange(state.length + a, state.length + a + n) for a, n in spans]) \
+            if spans else torch.zeros(0, dtype=torch.int64)
+        state.ensure_free(self.added[state.rank])
+
+    def input(self, key) -> KVInput:
+        s = self.state
+        return KVInput(s.split, key, s.buffers[key], s.slots.positions if s.split == "seq" else None)
+
+
+def keep_kv_local(outs, graph: Compiled, step, S: int, opts):
+    """outputs="local": the KV cache outputs stay on this rank (a ``KVState``) and HuggingFace gets
+    stand-ins. ``step`` None: a fresh cache from this call's outputs (each rank's rows or heads, as the
+    graph left them; rows past the real length S of a bucketed prompt already cut)."""
+    if not graph.caches:
+        return outs
+    outs = list(outs)
+    world, rank, _ = world_info()
+    if step is None:
+        state = _fresh_state(outs, graph, S, world, rank, opts)
+    else:
+        state = step.state
+        news = {graph.caches[i]: outs[i] for i in graph.caches}
+        if state.split == "seq":
+            state.append_rows(news, step.positions, step.added)
+        else:
+            state.buffers.update(news)
+            state.length += step.new
+    for i, key in graph.caches.items():
+        gshape = graph.cache_shapes[i]
+        outs[i] = state.stand_in(key, [*gshape[:2], state.length, *gshape[3:]])
+    _last["layout"] = [_kv_row(r, graph, state) for r in _last.get("layout", graph.layout)]
+    return outs
+
+
+def _fresh_state(outs, graph, S, world, rank, opts) -> KVState:
+    """The KV state of a cache this call made: split by heads (TP), or by sequence (each rank's rows)."""
+    ctx = graph.ctx
+    placements = {ctx.outputs[i][0] for i in graph.caches}
+    strategy = ctx.options.strategy
+    p = next(iter(placements))
+    if len(placements) != 1 or is_rank_local(p):
+        raise InputError(f"the KV cache outputs of this call are placed {sorted(map(str, placements))}; "
+                         f"seqpar keeps a cache local only when every layer's is split the same way")
+    if is_shard(p) and p.dim == 1:                                   # heads: [B, Hkv/N, S, D]
+        return KVState("heads", world, rank, S, {graph.caches[i]: outs[i] for i in graph.caches},
+                       strategy=strategy)
+    if is_replicate(p):                                              # a short call: cut the rows here
+        lay = Layout(S, world)
+        spans = [lay.spans(r) for r in range(world)]
+        start, n = spans[rank][0]
+        tensors = {graph.caches[i]: outs[i][:, :, start:start + n] for i in graph.caches}
+    else:                                                            # rows: [B, Hkv, L_r, D]
+        lay = ctx.layout(ctx.outputs[next(iter(graph.caches))][1][2])
+        spans = [[(a, max(0, min(n, S - a))) for a, n in lay.spans(r)] for r in range(world)]
+        tensors = {graph.caches[i]: outs[i] for i in graph.caches}
+    capacity = capacity_for(-(-bucket_length(S, world, opts.buckets) // world))
+    return KVState.from_rows(world, rank, S, spans, tensors, capacity, strategy=strategy)
+
+
+def _kv_row(row, graph, state):
+    """output_layout() row of a KV cache output kept local: where this rank's rows or heads are."""
+    i = row.get("output")
+    if i not in graph.caches:
+        return row
+    key, model_shape = graph.caches[i], graph.cache_shapes[i]
+    local = list(state.local(key).shape)
+    out = {**row, "kv": key, "split": state.split, "global_rows": state.length, "local_shape": local,
+           "global_shape": [*model_shape[:2], state.length, *model_shape[3:]]}
+    if state.split == "seq":
+        out.update(dim=2, layout="kv slots", rows=row_spans(state.local_positions()),
+                   local_rows=state.slots.counts[state.rank], rows_per_rank=list(state.slots.counts),
+                   capacity=state.slots.capacity)
+    else:
+        out.pop("rows", None)
+        out.update(dim=1, layout="kv heads", heads=row["rows"])
+    return out
 
 
 def _symbolic(x) -> bool:
@@ -145,18 +356,20 @@ class _Bucketed:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in padded)
         if key not in self.compiled:
             log.info("seqpar: compiling for prompt length %d (bucket %d)", S, padded_len)
-            self.compiled[key] = (_compile(self.gm, padded, self.opts, self.fqns, real_len=True), output_layout())
+            self.compiled[key] = _compile(self.gm, padded, self.opts, self.fqns, real_len=True)
             if len(self.compiled) > MAX_GRAPHS:
                 old, _ = self.compiled.popitem(last=False)
                 log.info("seqpar: dropped the graph for input shapes %s (more than %d kept)", old, MAX_GRAPHS)
         self.compiled.move_to_end(key)
-        run, layout = self.compiled[key]
-        outs = run(*padded, torch.tensor(S))
-        layout = [_real_rows(row, dims, S) for row, dims in zip(layout, self.out_dims or [()] * len(layout))]
+        graph = self.compiled[key]
+        outs = graph(*padded, torch.tensor(S))
+        layout = [_real_rows(row, dims, S) for row, dims in zip(graph.layout, self.out_dims or [()] * len(outs))]
         _last["layout"] = layout
-        if padded_len == S:
-            return outs
-        return [_cut(o, dims, S, row) for o, dims, row in zip(outs, self.out_dims, layout)]
+        if padded_len != S:
+            outs = [_cut(o, dims, S, row) for o, dims, row in zip(outs, self.out_dims, layout)]
+        if self.opts.outputs == "local":
+            outs = keep_kv_local(outs, graph, None, S, self.opts)
+        return outs
 
     def _check_lengths(self, args, S):
         for i in self.seq["inputs"]:
@@ -292,6 +505,43 @@ def machine_profile():
     log.warning("seqpar: no cpu-gloo calibration (run `seqpar calibrate`); auto uses rough CPU defaults")
     return MachineProfile("cpu-gloo-default", link_bw=1e9, link_latency_s=5e-5, peak_flops=5e10, mem_bw=1e10,
                           dtype="float32")
+
+
+def _compiled_generate(opt, *args, **kwargs):
+    """``torch.compile(model, backend="seqpar").generate(...)``: ``generate`` lives on the original module
+    and calls ``self(...)``, which the compiled wrapper never sees (pytorch issue 141473), so the prefill
+    and every decode step would run uncompiled, silently. Run it with the original module's call
+    compiled by the same backend and options, as ``model.compile(...)`` does."""
+    model = opt._orig_mod
+    saved = model._compiled_call_impl
+    model._compiled_call_impl = opt.dynamo_ctx(model._call_impl)
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        model._compiled_call_impl = saved
+
+
+def _install_generate_hook():
+    """Route ``generate`` of a seqpar-compiled ``OptimizedModule`` through ``_compiled_generate``."""
+    from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+
+    original = OptimizedModule.__getattr__
+    if getattr(original, "_seqpar", False):
+        return
+
+    def __getattr__(self, name):
+        attr = original(self, name)
+        if name == "generate" and getattr(innermost_backend(self.dynamo_ctx.callback), "compiler_fn",
+                                          None) is seqpar_backend:
+            log.info("seqpar: generate() of a torch.compile'd module runs with the module's call compiled")
+            return functools.partial(_compiled_generate, self)
+        return attr
+
+    __getattr__._seqpar = True
+    OptimizedModule.__getattr__ = __getattr__
+
+
+_install_generate_hook()
 
 
 def last_report() -> List[dict]:

@@ -36,8 +36,8 @@ from .placements import Replicate, Shard, is_partial, is_replicate, is_shard, sp
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-__all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_reduce", "reduce_scatter",
-           "all_to_all", "gather_rows", "ROWS_OF"]
+__all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_gather_flat", "all_reduce",
+           "reduce_scatter", "all_to_all", "gather_rows", "ROWS_OF"]
 
 
 class Builder:
@@ -239,6 +239,14 @@ def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
     b.late()
     recv = b(aten.view.default, b(c10d.wait_tensor.default, g), [N, sum(sizes)])
     return [_merge_from_ranks(b, part, *meta) for part, meta in zip(_split_packed(b, recv, sizes), metas)]
+
+
+def all_gather_flat(b: Builder, x, numel: int, dtype, what="") -> Node:
+    """Every rank's own 1-D ``x`` ([numel], contiguous) -> [N, numel], row j from rank j."""
+    g = b(c10d.all_gather_into_tensor.default, x, b.ctx.world, b.ctx.group_name)
+    b.record("all_gather", None, (b.ctx.world, numel), dtype, what)
+    b.late()
+    return b(aten.view.default, b(c10d.wait_tensor.default, g), [b.ctx.world, numel])
 
 
 def all_reduce(b: Builder, x, gshape, dtype):

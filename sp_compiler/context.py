@@ -10,7 +10,7 @@ import torch
 from .config import Options
 from .errors import ShapeConstraintError, module_path
 from .placements import Layout, Replicate, is_shard, local_shape, make_shard, split_factor
-from .strategies import STRATEGIES, Strategy, layer_path
+from .strategies import STRATEGIES, Strategy, layer_path, short_strategy
 
 __all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "layer_of"]
 
@@ -53,6 +53,11 @@ class PassContext:
     attention_work: Optional[dict] = None                                 # rows attention: work per rank
     outputs: List[tuple] = field(default_factory=list)                    # per graph output: (placement, global shape)
     real_len: bool = False                                                # bucketed: the graph takes the prompt length
+    short: bool = False                                                   # fewer tokens than chunks: short_strategy
+    fakes: Optional[list] = None                  # per placeholder: its (symbolic) fake value, for symbolic graphs
+    local_fakes: Dict[int, torch.Tensor] = field(default_factory=dict)    # fakes of inputs passes made local
+    kv: Dict[int, object] = field(default_factory=dict)                   # placeholder -> KV cache stand-in info
+    extra_inputs: List[str] = field(default_factory=list)                 # inputs passes appended (by name)
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
@@ -60,7 +65,10 @@ class PassContext:
     @property
     def strategy(self) -> Strategy:
         """The default strategy (outside the layer stack, and for the global sequence layout)."""
-        return STRATEGIES[self.options.strategy]
+        return self._variant(STRATEGIES[self.options.strategy])
+
+    def _variant(self, s: Strategy) -> Strategy:
+        return short_strategy(s, self.options.outputs) if self.short else s
 
     def strategy_for(self, node) -> Strategy:
         """The strategy of the decoder layer ``node`` belongs to."""
@@ -68,8 +76,9 @@ class PassContext:
 
     @property
     def zigzag(self) -> bool:
-        """The sequence layout is global: zig-zag if any layer runs vanilla_sp_zigzag."""
-        return any(STRATEGIES[n].zigzag for n in (self.options.strategy, *dict(self.options.layers).values()))
+        """The sequence layout is global: zig-zag if any layer runs vanilla_sp_zigzag (never on a short call)."""
+        return not self.short and any(STRATEGIES[n].zigzag
+                                      for n in (self.options.strategy, *dict(self.options.layers).values()))
 
     def layout(self, size: int) -> Layout:
         """How a sharded dim of global ``size`` is cut over the ranks. Zig-zag applies to the
@@ -84,7 +93,7 @@ class PassContext:
         return local_shape(shape, p, self.world, self.rank, self.zigzag and shape[p.dim] // sf == self.seq_len)
 
     def strategy_at(self, layer: Optional[str]) -> Strategy:
-        return STRATEGIES[self.options.plan.strategy_name(layer)]
+        return self._variant(STRATEGIES[self.options.plan.strategy_name(layer)])
 
     def rows_placement(self, node):
         """Placement of a [B*S, K] (or [B, S, K]) activation sharded on the sequence like the residual."""

@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from .context import PLACEMENT
 from .errors import module_path
-from .placements import fmt, is_shard, split_factor
+from .placements import fmt, is_shard, size_hint, split_factor
 
 __all__ = ["format_graph", "collective_table", "layer_summary", "attention_work_table", "layout_of", "layout_table",
            "largest_intermediates", "memory_table",
@@ -114,8 +114,8 @@ def largest_intermediates(gm: torch.fx.GraphModule, k: int = 5) -> list:
         vals = n.meta.get("val")
         for v in vals if isinstance(vals, (tuple, list)) else [vals]:
             if isinstance(v, torch.Tensor):
-                rows.append((n.name, list(v.shape), str(v.dtype).replace("torch.", ""),
-                             v.numel() * v.element_size(), module_path(n)))
+                rows.append((n.name, _sizes(v.shape), str(v.dtype).replace("torch.", ""),
+                             size_hint(v.numel()) * v.element_size(), module_path(n)))
     return sorted(rows, key=lambda r: -r[3])[:k]
 
 
@@ -132,14 +132,19 @@ def layout_of(ctx) -> list:
         if p is None:
             rows.append({"output": i, "placement": "-"})
             continue
-        row = {"output": i, "placement": fmt(p), "global_shape": list(gshape),
-               "local_shape": list(ctx.local_shape(gshape, p))}
+        row = {"output": i, "placement": fmt(p), "global_shape": _sizes(gshape),
+               "local_shape": _sizes(ctx.local_shape(gshape, p))}
         if is_shard(p):
             lay = ctx.layout(gshape[p.dim] // split_factor(p))
             row.update(dim=p.dim, layout="zig-zag" if lay.zigzag else "contiguous",
                        rows=[list(span) for span in lay.spans(ctx.rank)])
         rows.append(row)
     return rows
+
+
+def _sizes(shape) -> list:
+    """Sizes as ints, a symbolic one (a KV cache's length in a decode graph) as its expression ('s0 + 1')."""
+    return [d if isinstance(d, int) else str(d) for d in shape]
 
 
 def layout_table(layout) -> str:
@@ -162,6 +167,8 @@ class GraphDumper:
                 f.write(text)
 
     def on_pass(self, pass_name, gm):
+        if not self.dir:
+            return
         if pass_name == "propagate":
             self.write("before.txt", format_graph(gm))
         elif pass_name == "check_local_shapes":

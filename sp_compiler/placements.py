@@ -9,6 +9,9 @@ Every tensor node of the graph carries one placement over the (1-D) world of N r
                              merging [B, S] -> [B*S] with S sharded (k = B), and from fused
                              projections such as GPT-2's c_attn = [q | k | v] (k = 3)
     Partial("sum")           every rank holds a summand; the tensor is their sum
+    RankLocal()              every rank holds its own part, in no layout a collective knows: the rows
+                             of a KV cache kept split between the ranks (``sp_compiler.kv``), which
+                             only split-KV attention reads (``passes/kv_attention``)
 
 Placements of multi-output nodes are tuples; non-tensor nodes have ``None``.
 """
@@ -20,10 +23,27 @@ from typing import List, Optional, Sequence, Tuple
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = [
-    "Partial", "Placement", "Replicate", "Shard", "_StridedShard",
-    "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate",
-    "make_shard", "with_dim", "local_shape", "fmt", "Layout",
+    "Partial", "Placement", "Replicate", "Shard", "_StridedShard", "RankLocal",
+    "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate", "is_rank_local",
+    "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint",
 ]
+
+
+class RankLocal(Placement):
+    """Each rank's own data, not a piece of a tensor laid out by a known rule (see the module docstring)."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RankLocal)
+
+    def __hash__(self) -> int:
+        return hash("RankLocal")
+
+    def __repr__(self) -> str:
+        return "RankLocal()"
+
+
+def is_rank_local(p) -> bool:
+    return isinstance(p, RankLocal)
 
 
 def is_shard(p) -> bool:
@@ -115,6 +135,12 @@ class Layout:
         raise ValueError(f"chunk {c} is not in a layout of {self.n_chunks} chunks")
 
 
+def size_hint(n) -> int:
+    """An int, or a symbolic size (a KV cache's length in a decode graph) at the value it has now,
+    read without a guard: a heuristic or a dump never specialises a graph Dynamo made symbolic."""
+    return n if isinstance(n, int) else int(n.node.hint)
+
+
 def local_shape(shape: Sequence[int], p, world: int, rank: int = 0, zigzag: bool = False) -> tuple:
     """Shape of ``rank``'s piece of a tensor of global ``shape`` under ``p``. Under S(d, sf=k)
     each of the k blocks of dim d is split on its own."""
@@ -139,4 +165,6 @@ def fmt(p) -> str:
         return "P"
     if isinstance(p, Replicate):
         return "R"
+    if isinstance(p, RankLocal):
+        return "L"
     return str(p)

@@ -26,8 +26,8 @@ from torch.fx import Node
 from . import sdpa
 from .errors import ShardingError, UnsupportedOpError
 from .placements import (
-    Partial, Replicate, Shard, fmt, is_partial, is_replicate, is_shard, make_shard,
-    shard_dim, split_factor, with_dim,
+    Partial, RankLocal, Replicate, Shard, fmt, is_partial, is_rank_local, is_replicate, is_shard, make_shard,
+    shard_dim, size_hint, split_factor, with_dim,
 )
 
 aten = torch.ops.aten
@@ -421,6 +421,11 @@ def _repeat_rule(node, ctx, P):
 
 
 def _cat_rule(node, ctx, P):
+    """cat(tensors, dim). Shards on ``dim`` itself are gathered; shards on another dim slice the
+    replicated inputs, unless a replicated input outweighs every sharded one (a whole KV cache meeting
+    a step's new rows): then the few new rows are gathered instead of the cache sliced and regathered.
+    A KV cache kept split by sequence (RankLocal) grows by its new rows on each rank: passes/kv_attention
+    takes that cat apart."""
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
     nd = len(shape_of(node))
     dim = _norm(dim, nd)
@@ -428,13 +433,20 @@ def _cat_rule(node, ctx, P):
     if len(live) == 1:
         return Decision(P(live[0]))
     pl = [P(t) for t in live]
+    if any(is_rank_local(p) for p in pl):
+        return Decision(RankLocal())
     chosen = next((p for p in pl if is_shard(p)), None)
     if chosen is None:
         if any(is_partial(p) for p in pl):
             return Decision(Replicate(), {t: Replicate() for t in live if is_partial(P(t))})
         return Decision(Replicate())
+    gather_all = {t: Replicate() for t in live if not is_replicate(P(t))}
     if chosen.dim == dim:
-        return Decision(Replicate(), {t: Replicate() for t in live if not is_replicate(P(t))})
+        return Decision(Replicate(), gather_all)
+    numel = lambda t: math.prod(size_hint(d) for d in shape_of(t))         # noqa: E731 - no guard on a KV length
+    whole = [numel(t) for t in live if is_replicate(P(t))]
+    if whole and max(whole) > sum(numel(t) for t in gather_all):
+        return Decision(Replicate(), gather_all)
     return Decision(chosen, {t: chosen for t in live if P(t) != chosen})
 
 
@@ -517,14 +529,24 @@ def attention_inputs(node):
 
 
 def _attention_rule(node, ctx, P):
-    """Attention over [B, H, S, D] tensors, split by heads or by query rows.
+    """Attention over [B, H, S, D] tensors, split by heads, by query rows, by cached keys, or not at all.
 
     heads:  q, k, v, out  S(1)         every rank: all positions, H/N heads (TP, Ulysses, Megatron)
     rows:   q, out S(2);  k, v  R      every rank: its query rows against all keys (vanilla SP);
             mask rows S(2)             ``passes/rows_attention`` adds the causal offset per chunk
+    keys:   q, mask, out  R;  k, v L   K/V grown from a KV cache kept split by sequence (RankLocal):
+                                       every rank attends its own cached rows, the partial outputs
+                                       merge by log-sum-exp (``passes/kv_attention``)
+    whole:  everything R               a call too short to split (``strategies.short_strategy``)
     """
     strategy = ctx.strategy_for(node)
     q, k, v, mask = attention_inputs(node)
+    vals = node.meta["val"]
+    many = isinstance(vals, (tuple, list))
+    if is_rank_local(P(k)) or is_rank_local(P(v)) or strategy.attention == "whole":
+        keep = (k, v) if is_rank_local(P(k)) or is_rank_local(P(v)) else ()
+        wants = {x: Replicate() for x in (q, k, v, mask) if x is not None and x not in keep and not is_replicate(P(x))}
+        return Decision(tuple(Replicate() for _ in vals) if many else Replicate(), wants, group=node)
     if strategy.attention == "heads":
         split = Shard(1)
         for x, what in ((q, "query heads"), (k, "key/value heads")):
@@ -541,8 +563,6 @@ def _attention_rule(node, ctx, P):
     # outputs split like q: heads -> every output led by [B, H] (the logsumexp too, padded or not);
     # rows -> every output led by [B, H, S_q]
     lead = 2 if strategy.attention == "heads" else 3
-    vals = node.meta["val"]
-    many = isinstance(vals, (tuple, list))
 
     def placed(v):
         like_q = isinstance(v, torch.Tensor) and v.dim() >= lead and tuple(v.shape[:lead]) == shape_of(q)[:lead]

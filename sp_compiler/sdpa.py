@@ -270,8 +270,8 @@ def _with_lse(c: SdpaCall) -> SdpaCall:
     return c.replace(**{name: True for name, _ in c.values if name == "compute_log_sumexp"})
 
 
-def call(b, target, q, k, v, causal: bool, scale=None, rows: Optional[int] = None):
-    """Emit ``target(q, k, v, is_causal=causal, scale=scale)`` through the builder ``b``
+def call(b, target, q, k, v, causal: bool, scale=None, rows: Optional[int] = None, mask=None):
+    """Emit ``target(q, k, v, is_causal=causal, scale=scale, <mask>=mask)`` through the builder ``b``
     (``b(op, *args, **kwargs) -> Node``) and return (out, lse), lse as [B, H, Sq].
 
     ``rows`` (Sq) is needed only for kernels that pad their logsumexp (efficient attention on CUDA);
@@ -280,6 +280,8 @@ def call(b, target, q, k, v, causal: bool, scale=None, rows: Optional[int] = Non
     if i is None:
         raise ValueError(f"{target} returns no logsumexp")
     c = _with_lse(default_call(target, q, k, v)).replace(is_causal=bool(causal), scale=scale)
+    if mask is not None:
+        c = c.replace(mask=mask)
     args, kwargs = to_args(c)
     r = b(target, *args, **kwargs)
     out, lse = b(operator.getitem, r, OUTPUT), b(operator.getitem, r, i)

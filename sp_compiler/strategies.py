@@ -13,6 +13,9 @@ out of placement mismatches during propagation (see ``sp_compiler/rules.py``):
 
 ``heads``: every rank runs attention over the whole sequence for H/N heads.
 ``rows``: every rank keeps its own query rows and sees all keys.
+``whole``: every rank runs all of attention (a call too short to split: ``short_strategy``).
+Whatever the strategy, attention whose keys come from a KV cache kept split by sequence
+(``outputs="local"``) runs split-KV: each rank attends its own cached rows (``passes/kv_attention``).
 ``tp``: q/k/v and gate/up sliced by output rows (colwise), o/down by input columns (rowwise),
 as named by ``TP_PLAN``.
 """
@@ -20,12 +23,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
            "LAYER_RE", "layer_path"]
 
 SEQ_DIM = 1  # the sequence dim of the residual stream [B, S, H]
@@ -35,7 +38,7 @@ SEQ_DIM = 1  # the sequence dim of the residual stream [B, S, H]
 class Strategy:
     name: str
     residual: Placement          # placement of the residual stream [B, S, H]
-    attention: str               # "heads" | "rows"
+    attention: str               # "heads" | "rows" | "whole"
     attn_weights: str = "full"   # "full" | "tp"
     mlp_weights: str = "full"    # "full" | "tp"
     zigzag: bool = False         # rows: rank r holds chunks r and 2N-1-r
@@ -60,6 +63,22 @@ STRATEGIES = {
     )
 }
 
+
+def short_strategy(s: Strategy, outputs: str) -> Strategy:
+    """What a layer of strategy ``s`` runs on a call with fewer tokens than sequence chunks (a decode
+    step, a prompt of 1 to 2N-1 tokens): no rank may hold an empty shard, so the residual stream stays
+    whole on every rank.
+
+        weights sliced (tp, megatron_*) and outputs="local"   tensor parallel: the KV cache stays
+                                                               split by heads, as the prefill left it
+        otherwise                                              every rank computes the whole call
+                                                               (no collective; a cache kept split by
+                                                               sequence is read split-KV)
+    """
+    if outputs == "local" and s.attn_weights == "tp":
+        return replace(s, name=f"{s.name}[short]", residual=Replicate(), attention="heads", zigzag=False)
+    return replace(s, name=f"{s.name}[short]", residual=Replicate(), attention="whole", attn_weights="full",
+                   mlp_weights="full", zigzag=False)
 
 
 @dataclass(frozen=True)

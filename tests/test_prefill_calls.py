@@ -130,6 +130,7 @@ def test_ten_lengths_compile_at_most_twice(strategy):
 
 def _local_body(strategy, lengths):
     from sp_compiler.backend import output_layout
+    from sp_compiler.kv import local_kv
 
     model = build_model("llama", **MODEL)
     fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "aot_eager",
@@ -137,35 +138,44 @@ def _local_body(strategy, lengths):
     res = []
     for S in lengths:
         with torch.no_grad():
-            res.append((_result(fast(make_inputs("llama", 2, S))), output_layout()))
+            out = fast(make_inputs("llama", 2, S))
+        res.append((out.logits, local_kv(out.past_key_values)[0], output_layout()))
     return res
 
 
 def _rows(layout_row):
-    return torch.cat([torch.arange(start, start + n) for start, n in layout_row["rows"]])
+    return torch.cat([torch.arange(start, start + n) for start, n in layout_row["rows"]] + [torch.zeros(0, dtype=torch.long)])
 
 
 @pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag", "megatron_sp"])
 def test_local_outputs_hold_each_ranks_rows(strategy):
     """37 tokens (a static graph) then 50 (a padded bucket): logits and caches stay on the rank
-    that made them; the layout names the rows, and together the ranks hold every row once."""
+    that made them; the layout names the rows (of the logits, and of the KV cache, which
+    ``sp_compiler.kv.local_kv`` hands back), and together the ranks hold every row once."""
     lengths = (37, 50)
     results = run_ranks(_local_body, 2, strategy, lengths, timeout=900)
     model = build_model("llama", **MODEL)
     for i, S in enumerate(lengths):
         ref_logits, ref_kv = _result(_call_plain(model, S))
-        held = []
+        held, held_kv = [], []
         for rank, res in enumerate(results):
-            (logits, kv), layout = res[i]
-            by_shape = {tuple(r["local_shape"]): r for r in layout if "rows" in r}
-            row = by_shape[tuple(logits.shape)] if tuple(logits.shape) in by_shape else layout[-1]
+            logits, kv, layout = res[i]
+            row = layout[-1]                                                          # the logits
             assert row["dim"] == 1 and row["layout"] == ("zig-zag" if "zigzag" in strategy else "contiguous")
             rows = _rows(row)
             held.append(rows)
             torch.testing.assert_close(logits, ref_logits.index_select(1, rows), **TOL)
-            k_row = next(r for r in layout if len(r.get("local_shape", ())) == 4)      # a layer's K or V
-            torch.testing.assert_close(kv[0], ref_kv[0].index_select(k_row["dim"], _rows(k_row)), **TOL)
+            k_row = next(r for r in layout if r.get("kv") == "model.layers.0.k")
+            if strategy == "megatron_sp":                                             # split by KV heads
+                heads = torch.cat([torch.arange(a, a + n) for a, n in k_row["heads"]])
+                torch.testing.assert_close(kv["keys"], ref_kv[0].index_select(1, heads), **TOL)
+                continue
+            assert torch.equal(kv["positions"], _rows(k_row))
+            held_kv.append(kv["positions"])
+            torch.testing.assert_close(kv["keys"], ref_kv[0].index_select(2, kv["positions"]), **TOL)
         assert torch.equal(torch.cat(held).sort().values, torch.arange(S)), f"S={S}: rows held {held}"
+        if held_kv:
+            assert torch.equal(torch.cat(held_kv).sort().values, torch.arange(S)), f"S={S}: KV rows {held_kv}"
 
 
 def _call_plain(model, S):

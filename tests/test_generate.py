@@ -1,0 +1,243 @@
+"""``model.generate`` through seqpar, on gloo ranks, against the uncompiled model on one process.
+
+    every strategy x outputs (replicate, local) x (greedy, sampling)   world 2, Llama; a 4-rank subset
+    GPT-2, an odd prompt length, a left-padded batch                   world 2
+    a follow-up prefill (a second turn on the cache of the first)       world 2
+    the forms users write: model.compile, model.forward = torch.compile(...), torch.compile(model).generate
+    one process (fake process group): a decode step's bytes at two prompt lengths, seqpar compiles per
+    generation, where the rows of a cache kept local live
+
+Every case of one world runs in ONE ``run_ranks`` call (process start-up and imports paid once), each
+case its own test; references are computed in the test process. Sampling draws with the same seed on
+every rank, and the scores each rank's sampler saw must be bitwise equal across ranks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model, make_inputs
+from seqpar_testing import cached_run
+from sp_compiler.strategies import STRATEGIES
+from sp_compiler.testing import run_ranks
+
+MODEL = dict(layers=2, heads=4, kv_heads=2, hidden=64)
+NEW = 5                      # new tokens per generation: a prefill and NEW - 1 decode steps
+SEED = 7
+
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
+
+
+def _padded_mask(batch: int, S: int) -> torch.Tensor:
+    mask = torch.ones(batch, S, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : 3 * b] = 0
+    return mask
+
+
+#: name -> (family, batch, prompt length, padded)
+PROMPTS = {"llama-21": ("llama", 1, 21, False), "llama-19x2-padded": ("llama", 2, 19, True),
+           "gpt2-21": ("gpt2", 1, 21, False)}
+
+#: world -> [(prompt, strategy, outputs)]; each case generates greedily, then samples (same compiled model)
+CASES = {
+    2: [("llama-21", s, o) for s in STRATEGIES for o in ("replicate", "local")]
+    + [("llama-19x2-padded", s, "local") for s in ("ulysses", "vanilla_sp_zigzag", "tp", "megatron_sp_tp")]
+    + [("gpt2-21", s, "local") for s in ("vanilla_sp", "megatron_sp")],
+    4: [("llama-19x2-padded", s, o) for s, o in (("ulysses", "local"), ("vanilla_sp_zigzag", "local"),
+                                                   ("tp", "local"), ("megatron_sp", "replicate"))],
+}
+
+
+def _generate(model, prompt, sample: bool):
+    family, B, S, padded = PROMPTS[prompt]
+    ids = make_inputs(family, B, S)
+    kwargs = {"attention_mask": _padded_mask(B, S)} if padded else {}
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW, do_sample=sample, top_k=0, pad_token_id=0,
+                             return_dict_in_generate=True, output_scores=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+def _rank_body(world):
+    from sp_compiler.backend import compile_count
+
+    out = {}
+    for prompt, strategy, outputs in CASES[world]:
+        torch._dynamo.reset()
+        model = build_model(PROMPTS[prompt][0], **MODEL)
+        model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "outputs": outputs})
+        before = compile_count()
+        greedy = _generate(model, prompt, False)
+        compiles = compile_count() - before
+        out[(prompt, strategy, outputs)] = (greedy, _generate(model, prompt, True), compiles)
+    return out
+
+
+def _reference(prompt, sample):
+    return _generate(build_model(PROMPTS[prompt][0], **MODEL), prompt, sample)
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases],
+                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"w{v}")
+def test_generate_matches_one_device(world, case):
+    """Greedy and sampled tokens equal one device's; every rank's sampler saw bitwise the same scores;
+    a whole generation (prefill + NEW - 1 decode steps) went through seqpar in at most 3 graphs."""
+    results = cached_run(("generate", world), run_ranks, _rank_body, world, world, timeout=1500)
+    prompt = case[0]
+    for sample in (False, True):
+        ref_tokens, _ = _reference(prompt, sample)
+        for rank, res in enumerate(results):
+            tokens, scores = res[case][sample]
+            assert torch.equal(tokens, ref_tokens), f"rank {rank} sample={sample}: {tokens} != {ref_tokens}"
+            assert torch.equal(scores, results[0][case][sample][1]), f"rank {rank}: scores differ from rank 0's"
+    for rank, res in enumerate(results):
+        assert 2 <= res[case][2] <= 3, f"rank {rank}: {res[case][2]} seqpar compiles for one generation"
+
+
+# ----------------------------------------------------------------------------- follow-up prefill
+
+TURNS = (21, 9, 1, 3)        # a prompt, then a second turn of 9 tokens, one of 1, one of 3 (world 2)
+
+
+def _turns(model):
+    """Logits of a prompt and of follow-up calls that each continue the cache the previous call returned."""
+    ids = make_inputs("llama", 1, sum(TURNS), seed=3)
+    logits, cache, at = [], None, 0
+    with torch.no_grad():
+        for n in TURNS:
+            out = model(ids[:, at:at + n], cache=cache, position_ids=torch.arange(at, at + n)[None],
+                        logits_to_keep=1)
+            logits.append(out.logits)
+            cache, at = out.past_key_values, at + n
+    return logits
+
+
+def _turns_body(strategies):
+    out = {}
+    for strategy, outputs in strategies:
+        torch._dynamo.reset()
+        model = build_model("llama", **MODEL)
+        model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "outputs": outputs})
+        out[(strategy, outputs)] = _turns(model)
+    return out
+
+
+FOLLOW_UP = [(s, "local") for s in ("ulysses", "vanilla_sp_zigzag", "tp", "megatron_sp")] + [("ulysses", "replicate")]
+
+
+@pytest.mark.parametrize("case", FOLLOW_UP, ids="-".join)
+def test_follow_up_prefill_continues_the_cache(case):
+    """A second turn (9 new tokens on 21 cached: sequence-parallel over the new tokens against the
+    cache where it lies), then turns of 1 and 3 tokens: every call's last-token logits equal one device's."""
+    results = cached_run(("turns",), run_ranks, _turns_body, 2, FOLLOW_UP, timeout=900)
+    ref = _turns(build_model("llama", **MODEL))
+    for rank, res in enumerate(results):
+        for turn, (got, want) in enumerate(zip(res[case], ref)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"rank {rank} turn {turn}: {m}")
+
+
+# ----------------------------------------------------------------------------- the forms users write
+
+def _forms_body():
+    from sp_compiler.backend import compile_count
+
+    opts = {"strategy": "ulysses", "lower": "aot_eager", "outputs": "local"}
+    ids = make_inputs("llama", 1, 21)
+    out = {}
+    for form in ("model.compile", "forward", "torch.compile"):
+        torch._dynamo.reset()
+        model = build_model("llama", **MODEL)
+        before = compile_count()
+        with torch.no_grad():
+            if form == "model.compile":
+                model.compile(backend="seqpar", options=opts)
+                tokens = model.generate(ids, max_new_tokens=NEW, do_sample=False)
+            elif form == "forward":
+                model.forward = torch.compile(model.forward, backend="seqpar", options=opts)
+                tokens = model.generate(ids, max_new_tokens=NEW, do_sample=False)
+            else:
+                tokens = torch.compile(model, backend="seqpar", options=opts).generate(ids, max_new_tokens=NEW,
+                                                                                       do_sample=False)
+        out[form] = (tokens, compile_count() - before)
+    return out
+
+
+@pytest.mark.parametrize("form", ["model.compile", "forward", "torch.compile"])
+def test_every_form_runs_through_seqpar(form):
+    """``torch.compile(model).generate`` alone would run the uncompiled module (pytorch issue 141473):
+    seqpar routes it through the backend, so every form compiles the prefill and the decode steps."""
+    results = cached_run(("forms",), run_ranks, _forms_body, 2, timeout=900)
+    want = build_model("llama", **MODEL).generate(make_inputs("llama", 1, 21), max_new_tokens=NEW, do_sample=False)
+    for rank, res in enumerate(results):
+        tokens, compiles = res[form]
+        assert torch.equal(tokens, want), f"rank {rank}"
+        assert compiles >= 2, f"rank {rank}: {compiles} seqpar compiles: the generation did not run through seqpar"
+
+
+# ----------------------------------------------------------------------------- one process
+
+def _decode_report(S):
+    from sp_compiler.backend import last_report
+
+    model = build_model("llama", **MODEL)
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "outputs": "local"})
+    with torch.no_grad():
+        model.generate(make_inputs("llama", 1, S), max_new_tokens=4, do_sample=False)
+    return last_report()
+
+
+def test_decode_step_moves_the_same_bytes_at_any_context(fake_pg):
+    """A decode step on a cache kept split by sequence moves one all_gather of (out | lse) per layer,
+    N x B*H*(D+1) values, at 64 and at 512 cached tokens alike (the cache rows never move)."""
+    fake_pg(2)
+    H, D, L = MODEL["heads"], MODEL["hidden"] // MODEL["heads"], MODEL["layers"]
+    rows = {}
+    for S in (64, 512):
+        torch._dynamo.reset()
+        rows[S] = [(r["layer"], r["kind"], r["bytes"]) for r in _decode_report(S)]
+    want = [(f"model.layers.{i}", "all_gather", 2 * 1 * H * 1 * (D + 1) * 4) for i in range(L)]
+    assert rows[64] == want and rows[512] == want, rows
+
+
+def test_generation_compiles_three_graphs_and_the_next_reuses_them(fake_pg):
+    """One prefill graph and two decode graphs (Dynamo's first, static one and its symbolic one) for a
+    whole generation; a later generation of another length in the same prompt bucket compiles at most
+    the bucketed prefill, and a third one in that bucket nothing."""
+    from sp_compiler.backend import compile_count
+
+    fake_pg(2)
+    model = build_model("llama", **MODEL)
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "outputs": "local"})
+    counts = []
+    for S in (40, 45, 50):
+        before = compile_count()
+        with torch.no_grad():
+            model.generate(make_inputs("llama", 1, S), max_new_tokens=8, do_sample=False)
+        counts.append(compile_count() - before)
+    assert counts == [3, 1, 0], counts
+
+
+def test_local_cache_holds_a_ranks_share_of_every_row(fake_pg):
+    """After K new tokens on an S-token prompt each rank holds (S + K) / N rows per layer (within one
+    row: a decode step's row goes to the rank holding fewest), no row twice; output_layout() says where."""
+    from sp_compiler.backend import output_layout
+    from sp_compiler.kv import local_kv
+
+    fake_pg(2, rank=1)
+    S, K = 21, 7
+    model = build_model("llama", **MODEL)
+    model.compile(backend="seqpar", options={"strategy": "vanilla_sp_zigzag", "lower": "eager", "outputs": "local"})
+    with torch.no_grad():
+        out = model.generate(make_inputs("llama", 1, S), max_new_tokens=K + 1, do_sample=False,
+                             return_dict_in_generate=True)
+    kv = local_kv(out.past_key_values)
+    row = next(r for r in output_layout() if r.get("kv") == "model.layers.0.k")
+    assert row["global_rows"] == S + K and sum(row["rows_per_rank"]) == S + K
+    assert max(row["rows_per_rank"]) - min(row["rows_per_rank"]) <= 1
+    assert kv[0]["keys"].shape[2] == row["rows_per_rank"][1] == len(kv[0]["positions"])
+    assert row["rows"] and all(n > 0 for _, n in row["rows"])
+    held = set(kv[0]["positions"].tolist())
+    assert len(held) == row["rows_per_rank"][1] and all(0 <= p < S + K for p in held)
+    assert torch.isnan(out.past_key_values.layers[0].keys).all(), "HF's cache holds stand-ins, not data"
