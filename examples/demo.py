@@ -1,16 +1,17 @@
-"""seqpar demo: one small Llama, split across CPU ranks, against one device.
+"""seqpar demo: one small Llama generating text, split across CPU ranks, against one device.
 
 Spawns ``--world-size`` gloo ranks on 127.0.0.1 with ``sp_compiler.testing.run_ranks``
 (or runs in place under ``torchrun``). Every rank builds the same random-weight ``LlamaForCausalLM``;
-rank 0 computes the uncompiled single-device logits and times them, then each
-strategy in :data:`STRATEGIES` is compiled with
-``torch.compile(model, backend="seqpar", options={"strategy": s, "lower": "inductor"})``
-and run on the same full input on every rank. Rank 0 prints a table of the
-largest difference from one device (over all ranks), the median time per
-forward and the collectives per layer that the backend reports.
+rank 0 runs ``model.generate`` uncompiled on one device, the reference. Then, for each strategy in
+:data:`STRATEGIES`, every rank compiles the model with
+``model.compile(backend="seqpar", options={"strategy": s, "outputs": "local"})`` and generates from
+the same prompt: the prefill runs split by the strategy, and every decode step runs on the KV cache
+where the prefill left it. Rank 0 prints, per strategy, the time to the first token, the time per
+later token, the largest difference of the first token's logits from one device, whether every rank
+generated one device's tokens, and the collectives per layer of the prefill and of a decode step.
 
     python examples/demo.py
-    python examples/demo.py --world-size 2 --seq-len 1024 --strategies tp,ulysses
+    python examples/demo.py --world-size 2 --seq-len 1024 --new-tokens 16 --strategies tp,ulysses
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 import traceback
 from collections import Counter, defaultdict
 from typing import Any
@@ -63,21 +63,6 @@ def _input_ids(seq_len: int) -> torch.Tensor:
     return torch.randint(0, MODEL["vocab"], (BATCH, seq_len), generator=gen)
 
 
-def _time_ms(fn, iters: int, *, sync: bool) -> float:
-    """Median wall time of ``fn()`` in ms; with ``sync`` the slowest rank's time per run."""
-    times = []
-    for _ in range(iters):
-        if sync:
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if sync:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(elapsed.item() * 1e3)
-    return statistics.median(times)
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -118,20 +103,42 @@ def summarize_collectives(report: list[dict] | None) -> str:
     return "; ".join(lines)
 
 
-def _last_report() -> list[dict] | None:
-    """The backend's collective report for the last compile, or ``None`` if it has none."""
-    try:
-        from sp_compiler import backend
-    except ImportError:
-        return None
-    fn = getattr(backend, "last_report", None)
-    if fn is None:
-        return None
-    try:
-        report = fn()
-    except Exception:  # noqa: BLE001 - a demo reports what it can
-        return None
-    return list(report) if report is not None else None
+def _generate(model, input_ids, new_tokens: int):
+    """(tokens, first-token logits, ttft ms, tpot ms) of one greedy generation."""
+    from sp_compiler.bench_generate import TokenClock
+
+    clock = TokenClock()
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock, return_dict_in_generate=True, output_logits=True)
+    ttft, tpot = clock.ttft_tpot_s()
+    return out.sequences, out.logits[0], ttft * 1e3, tpot * 1e3
+
+
+def _median_generation(model, input_ids, new_tokens: int, iters: int, sync: bool):
+    """Tokens and first-token logits of the first generation (it compiles), then the median ttft and
+    tpot of ``iters`` more; with ``sync`` each run's time is the slowest rank's."""
+    tokens, logits, _, _ = _generate(model, input_ids, new_tokens)
+    runs = []
+    for _ in range(iters):
+        if sync:
+            dist.barrier()
+        _, _, ttft, tpot = _generate(model, input_ids, new_tokens)
+        t = torch.tensor([ttft, tpot], dtype=torch.float64)
+        if sync:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        runs.append(t.tolist())
+    return tokens, logits, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def _prefill_and_decode_collectives() -> tuple:
+    """Per-layer collectives of the last generation's prefill graph and of its decode graph."""
+    from sp_compiler.backend import compiled_graphs
+
+    graphs = compiled_graphs()
+    prefill = next((g for g in reversed(graphs) if not g["kv"] and not g["short"]), None)
+    decode = next((g for g in reversed(graphs) if g["short"]), None)
+    return tuple(summarize_collectives(g["collectives"]) if g else "n/a" for g in (prefill, decode))
 
 
 def _rank_main(args: argparse.Namespace) -> bool:
@@ -140,44 +147,34 @@ def _rank_main(args: argparse.Namespace) -> bool:
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build_demo_model(args.seq_len)
+    model = build_demo_model(args.seq_len + args.new_tokens)
     input_ids = _input_ids(args.seq_len)
 
     # Reference: the uncompiled model on one device (rank 0), shared with every rank.
-    reference = torch.empty(BATCH, args.seq_len, MODEL["vocab"])
+    ref_tokens = torch.zeros(BATCH, args.seq_len + args.new_tokens, dtype=torch.long)
+    ref_logits = torch.zeros(BATCH, MODEL["vocab"])
     rows: list[list[Any]] = []
     all_ok = True
     if rank == 0:
-        with torch.no_grad():
-            reference = model(input_ids, use_cache=False).logits
-
-            def eager():
-                model(input_ids, use_cache=False)
-
-            eager_ms = _time_ms(eager, args.iters, sync=False)
-        rows.append(["one device (uncompiled, 1 process)", "0", f"{eager_ms:.1f}", "-"])
-    dist.broadcast(reference, src=0)
+        ref_tokens, ref_logits, ttft, tpot = _median_generation(model, input_ids, args.new_tokens, args.iters,
+                                                                sync=False)
+        rows.append(["one device (uncompiled, 1 process)", f"{ttft:.1f}", f"{tpot:.1f}", "0", "-", "-", "-"])
+    dist.broadcast(ref_tokens, src=0)
+    dist.broadcast(ref_logits, src=0)
 
     for strategy in args.strategies:
         torch._dynamo.reset()
+        model._compiled_call_impl = None                       # undo the previous strategy's model.compile
         status = "ok"
-        diff = median_ms = float("nan")
-        collectives = "n/a"
         try:
-            fast = torch.compile(
-                model, backend="seqpar", options={"strategy": strategy, "lower": args.lower}
-            )
-            with torch.no_grad():
-                logits = fast(input_ids, use_cache=False).logits  # warm-up: compiles
-                err = torch.tensor([(logits - reference).abs().max().item()], dtype=torch.float64)
-                dist.all_reduce(err, op=dist.ReduceOp.MAX)
-                diff = err.item()
-                collectives = summarize_collectives(_last_report())
-
-                def step():
-                    fast(input_ids, use_cache=False)
-
-                median_ms = _time_ms(step, args.iters, sync=True)
+            model.compile(backend="seqpar", options={"strategy": strategy, "lower": args.lower, "outputs": "local"})
+            tokens, logits, ttft, tpot = _median_generation(model, input_ids, args.new_tokens, args.iters, sync=True)
+            err = torch.tensor([(logits - ref_logits).abs().max().item(), float(not torch.equal(tokens, ref_tokens))],
+                               dtype=torch.float64)
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            prefill, decode = _prefill_and_decode_collectives()
+            same = "yes, every rank" if err[1].item() == 0 else "NO"
+            row = [strategy, f"{ttft:.1f}", f"{tpot:.1f}", f"{err[0].item():.1e}", same, prefill, decode]
         except Exception as exc:  # noqa: BLE001 - compile errors are the same on every rank
             status = f"failed: {error_line(exc)}"
             if args.verbose and rank == 0:
@@ -187,25 +184,24 @@ def _rank_main(args: argparse.Namespace) -> bool:
         dist.all_reduce(failed)
         if status == "ok" and failed.item():
             status = "failed on another rank"
-        all_ok = all_ok and not failed.item()
-        if status == "ok":
-            rows.append([strategy, f"{diff:.2e}", f"{median_ms:.1f}", collectives])
-        else:
-            rows.append([strategy, status[:120], "-", "-"])
+        all_ok = all_ok and not failed.item() and row[4] != "NO"
+        rows.append(row if status == "ok" else [strategy, status[:120], "-", "-", "-", "-", "-"])
+    model._compiled_call_impl = None
 
     if rank == 0:
         from tabulate import tabulate
 
         print(
             f"\nLlamaForCausalLM {MODEL['layers']} layers, hidden {MODEL['hidden']}, "
-            f"{MODEL['heads']} heads / {MODEL['kv_heads']} kv heads, vocab {MODEL['vocab']}, "
-            f"batch {BATCH} x seq {args.seq_len}, fp32; {world} gloo ranks, 1 thread each, "
-            f"lower={args.lower}, median of {args.iters} runs\n"
+            f"{MODEL['heads']} heads / {MODEL['kv_heads']} kv heads, vocab {MODEL['vocab']}, fp32; "
+            f"generate(batch {BATCH} x {args.seq_len}-token prompt, {args.new_tokens} new tokens, greedy); "
+            f"{world} gloo ranks, 1 thread each, lower={args.lower}, outputs=local, median of {args.iters} runs\n"
         )
         print(
             tabulate(
                 rows,
-                headers=["strategy", "max abs diff vs one device", "median ms", "collectives per layer"],
+                headers=["strategy", "first token ms", "ms per later token", "first-token logits max |diff|",
+                         "tokens = one device", "prefill collectives per layer", "decode step collectives per layer"],
                 tablefmt="github",
                 disable_numparse=True,
             )
@@ -232,7 +228,8 @@ def _launch(args: argparse.Namespace) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, default=2, help="number of gloo ranks (default 2)")
-    p.add_argument("--seq-len", type=int, default=512, help="sequence length (default 512)")
+    p.add_argument("--seq-len", type=int, default=2048, help="prompt length (default 2048)")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens to generate (default 8)")
     p.add_argument(
         "--strategies",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -240,7 +237,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated strategies (default {','.join(STRATEGIES)})",
     )
     p.add_argument("--lower", default="inductor", help="seqpar 'lower' option (default inductor)")
-    p.add_argument("--iters", type=int, default=5, help="timed runs per strategy (default 5)")
+    p.add_argument("--iters", type=int, default=3, help="timed generations per strategy (default 3)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before giving up (default 1800)")
     p.add_argument("--verbose", action="store_true", help="print full tracebacks of failed strategies")
     return p.parse_args(argv)

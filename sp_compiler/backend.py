@@ -43,13 +43,18 @@ from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
 from .placements import Layout, is_rank_local, is_replicate, is_shard
 from .strategies import STRATEGIES, layer_path
 
-__all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "input_fqns",
+__all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "compiled_graphs",
+           "input_fqns",
            "world_info", "bucket_length", "reads_kv_cache", "keep_kv_local", "Compiled", "KVStep"]
 
 log = logging.getLogger("seqpar")
 _last_report: List[dict] = []
 _last: dict = {}
 _compiles = [0]
+_history: List[dict] = []
+
+#: Compiled graphs ``compiled_graphs()`` remembers.
+MAX_HISTORY = 64
 
 #: Padded graphs kept per symbolic Dynamo graph; the least recently used one goes first.
 MAX_GRAPHS = 8
@@ -95,6 +100,9 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     dumper.write("outputs.txt", layout_table(layout))
     _last_report[:] = ctx.collectives
     _last.update(gm=aten_gm, ctx=ctx, layout=layout)
+    _history.append({"strategy": opts.strategy, "batch": ctx.batch, "tokens": ctx.seq_len, "short": short,
+                     "kv": sorted({info.split for info in ctx.kv.values()}), "collectives": list(ctx.collectives)})
+    del _history[:-MAX_HISTORY]
     log.info("seqpar: %s%s on %d ranks, collectives per layer:\n%s", opts.strategy, " (short call)" if short else "",
              world, layer_summary(ctx.collectives))
     return Compiled(lower(aten_gm, ctx), ctx, layout, caches)
@@ -151,7 +159,7 @@ class _Graph:
             raise InputError("the KV cache stand-ins of one call come from different caches. Fix: pass the cache "
                              "returned by the previous call")
         (state,) = states
-        return KVStep(state, args[self.token].shape[1], world_info()[0], self.opts)
+        return KVStep(state, args[self.token].shape[1], world_info()[0])
 
     def _compiled_for(self, args, step) -> Compiled:
         key = None if step is None else step.state.slots.capacity if step.state.split == "seq" else "heads"
@@ -193,7 +201,7 @@ class KVStep:
         a follow-up prefill: each rank keeps the chunks of the new rows it computed (``Layout``)
     """
 
-    def __init__(self, state: KVState, new: int, world: int, opts):
+    def __init__(self, state: KVState, new: int, world: int):
         self.state, self.new = state, new
         if state.split != "seq":
             return
@@ -231,7 +239,7 @@ def keep_kv_local(outs, graph: Compiled, step, S: int, opts):
         if state.split == "seq":
             state.append_rows(news, step.positions, step.added)
         else:
-            state.buffers.update(news)
+            state.buffers.update({key: t.contiguous() for key, t in news.items()})
             state.length += step.new
     for i, key in graph.caches.items():
         gshape = graph.cache_shapes[i]
@@ -249,9 +257,9 @@ def _fresh_state(outs, graph, S, world, rank, opts) -> KVState:
     if len(placements) != 1 or is_rank_local(p):
         raise InputError(f"the KV cache outputs of this call are placed {sorted(map(str, placements))}; "
                          f"seqpar keeps a cache local only when every layer's is split the same way")
-    if is_shard(p) and p.dim == 1:                                   # heads: [B, Hkv/N, S, D]
-        return KVState("heads", world, rank, S, {graph.caches[i]: outs[i] for i in graph.caches},
-                       strategy=strategy)
+    if is_shard(p) and p.dim == 1:                                   # heads: [B, Hkv/N, S, D], contiguous
+        return KVState("heads", world, rank, S, {graph.caches[i]: outs[i].contiguous() for i in graph.caches},
+                       strategy=strategy)                            # (the graph compiles for that layout)
     if is_replicate(p):                                              # a short call: cut the rows here
         lay = Layout(S, world)
         spans = [lay.spans(r) for r in range(world)]
@@ -547,6 +555,13 @@ _install_generate_hook()
 def last_report() -> List[dict]:
     """Collectives of the graph this process compiled last: dicts with layer, kind, dim, shape, bytes."""
     return list(_last_report)
+
+
+def compiled_graphs() -> List[dict]:
+    """The graphs this process compiled, oldest first (the last ``MAX_HISTORY``): strategy, batch, tokens
+    per call, whether it ran ``short_strategy`` (a decode step), how the KV cache it read was split, and
+    its collectives (as ``last_report``). A generation compiles a prefill graph and decode graphs."""
+    return [dict(h) for h in _history]
 
 
 def compile_count() -> int:

@@ -24,8 +24,8 @@ default ``outputs="replicate"``, gathered to every rank
 - ``--runs`` timed calls, each started after a barrier; a call's time is the slowest rank's; median, min, max;
 - bytes: one more, untimed, call under :class:`CollectiveCounter` (the collectives that ran, NCCL-tests sizes);
 - max |diff|: last-token logits against the one-device eager logits, largest over ranks;
-- peak memory per rank: CUDA ``max_memory_allocated`` during the run; on CPU ``ru_maxrss``, the process's
-  peak resident set since it started (it only grows, so later rows include earlier ones);
+- peak memory per rank: CUDA ``max_memory_allocated`` during the run; on CPU (Linux) the peak resident
+  set during the run (VmHWM, reset when the run starts through ``/proc/self/clear_refs``);
 - predicted ms: ``sp_compiler.plan.plan(..., call=PREFILL_CALL)`` on ``--machine`` for the same model,
   world, batch and length; the predicted and measured rankings of the strategies are compared.
 
@@ -96,6 +96,7 @@ class BenchSpec:
     machine: Any = "auto"
     timeout: float = 3600.0
     progress: bool = True
+    generate: int = 0                # > 0: time model.generate of this many new tokens (sp_compiler.bench_generate)
 
     def check(self) -> "BenchSpec":
         """Validated copy (strategies default to all of them); raises BenchError listing what is valid."""
@@ -117,6 +118,8 @@ class BenchSpec:
             raise BenchError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
         if not self.seq_lens or any(int(s) < 1 for s in self.seq_lens):
             raise BenchError(f"seq_lens={list(self.seq_lens)}: give one or more positive lengths, e.g. 1024,4096")
+        if self.generate < 0:
+            raise BenchError(f"generate={self.generate}: give the number of new tokens per generation, e.g. 16")
         if self.runs < 1 or self.warmup < 0 or self.batch < 1 or self.world < 1:
             raise BenchError(f"runs={self.runs} and batch={self.batch} and world={self.world} must be >= 1, "
                              f"warmup={self.warmup} >= 0")
@@ -320,17 +323,30 @@ def _gather(value: float, dev) -> List[float]:
 
 
 def _reset_peak(dev) -> None:
+    """Start a peak-memory window: CUDA's allocator stats, or on Linux the process's RSS high-water mark
+    (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass                                              # not Linux: ru_maxrss, the peak since the start
 
 
 def _peak_bytes(dev) -> float:
-    """CUDA: peak allocated since the run began; CPU: the process's peak RSS so far (ru_maxrss, KiB on Linux)."""
+    """CUDA: peak allocated since ``_reset_peak``; CPU: peak RSS since ``_reset_peak`` (Linux VmHWM), else the
+    process's peak so far (ru_maxrss)."""
     if dev.type == "cuda":
         return float(torch.cuda.max_memory_allocated(dev))
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return float(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))) * 1024.0
+    except (OSError, StopIteration):
+        import resource
 
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 
 
 def _timed(fwd, dev, ranks: bool) -> float:
@@ -521,6 +537,11 @@ def bench_rank(spec: BenchSpec) -> Optional[dict]:
     rows = []
     for seq_len in spec.seq_lens:
         ids = input_ids(spec.config, spec.batch, seq_len, dev)
+        if spec.generate:
+            from .bench_generate import bench_generations
+
+            rows += bench_generations(spec, model, tp, tp_error, seq_len, ids, dev, bar)
+            continue
         ref, ref_rows = _one_device(seq_len, model, ids, spec, dev, bar)
         rows += ref_rows
         if "hf_tp" in spec.references:
@@ -616,10 +637,13 @@ def _assemble(spec: BenchSpec, out: dict, wall_s: float) -> dict:
         "meta": {
             "model": spec.model, "config": _config_summary(spec.config), "world": spec.world, "batch": spec.batch,
             "seq_lens": list(spec.seq_lens), "dtype": spec.dtype, "lower": spec.lower, "outputs": spec.outputs,
-            "runs": spec.runs, "warmup": spec.warmup, "call": _CALL_TEXT, "machine": out["machine"], **out["env"],
+            "runs": spec.runs, "warmup": spec.warmup, "machine": out["machine"], **out["env"],
+            "call": _CALL_TEXT if not spec.generate else f"model.generate(input_ids, max_new_tokens={spec.generate}, "
+                                                          f"min_new_tokens={spec.generate}, do_sample=False)",
+            "generate": spec.generate,
             "wall_s": wall_s,
             "peak_memory": ("torch.cuda.max_memory_allocated during the run" if out["env"]["backend"] == "nccl"
-                            else "ru_maxrss: the process's peak RSS since it started"),
+                            else "VmHWM: the process's peak RSS during the run (reset at its start)"),
             "bytes": "per forward, per rank, counted from the collectives that ran (NCCL-tests sizes: "
                      "all_gather = what arrives, the others = what is sent)",
         },
@@ -692,12 +716,16 @@ def format_table(result: dict) -> str:
     """bench.md: what was run, one markdown table row per (length, run), and the rankings per length."""
     from tabulate import tabulate
 
+    if result["meta"].get("generate"):
+        from .bench_generate import format_generation_table
+
+        return format_generation_table(result)
     m, c = result["meta"], result["meta"]["config"]
     machine = m["machine"]
     pred = (f"predicted ms: the cost model on {machine['name']} ({machine['dtype']})" if machine
             else "predicted ms: none (--machine none)")
     mem = ("peak MiB / rank (max over ranks; allocated during the run)" if m["backend"] == "nccl"
-           else "peak RSS MiB / rank (max over ranks; process lifetime so far)")
+           else "peak RSS MiB / rank (max over ranks; during the run)")
     head = (f"{c['model_type']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
             f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}; "
             f"{m['dtype']}, batch {m['batch']}; {m['world']} ranks ({m['backend']}, {m['device']}, "
@@ -746,7 +774,8 @@ def plot(result: dict, path: str) -> str:
     ax.set_xticks(m["seq_lens"], [str(s) for s in m["seq_lens"]])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("prefill ms (median; bars min-max)")
+    ax.set_ylabel("time to first token, ms (median; bars min-max)" if m.get("generate")
+                  else "prefill ms (median; bars min-max)")
     ax.set_title(f"{m['model']}, {m['config']['num_hidden_layers']} layers, {m['world']} ranks ({m['backend']}), "
                  f"{m['dtype']}, lower={m['lower']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

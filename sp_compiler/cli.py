@@ -128,7 +128,8 @@ def _cmd_bench(args) -> int:
     spec = BenchSpec(model=args.model, config=config, seq_lens=tuple(args.seq_lens), world=world, batch=args.batch,
                      strategies=tuple(args.strategies or ()), references=tuple(references), runs=args.runs,
                      warmup=args.warmup, lower=args.lower, outputs=args.outputs, dtype=args.dtype,
-                     machine=args.machine, timeout=args.timeout, progress=not args.no_progress)
+                     machine="none" if args.generate else args.machine, timeout=args.timeout,
+                     progress=not args.no_progress, generate=args.generate)
     result = run_bench(spec)
     if result is None:                       # a torchrun rank other than 0
         return 0
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--machine", default="auto",
                     help=f"cost-model profile for the predictions: {', '.join(profile_names())}, auto (the GPU's, "
                          f"else cpu-gloo, calibrated now when ~/.cache/seqpar has none) or none (default auto)")
+    sp.add_argument("--generate", type=int, default=0, metavar="K",
+                    help="time model.generate of K new tokens instead of one prefill: time to first token and "
+                         "time per output token of every run (no predictions)")
     sp.add_argument("--out", default=None, help="directory for bench.json, bench.md, bench.png")
     sp.add_argument("--timeout", type=float, default=3600, help="seconds before the ranks are given up (default 3600)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")

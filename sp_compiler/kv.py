@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import SeqparError
+
 __all__ = ["KVState", "SeqSlots", "KVInput", "stand_in", "kv_of", "is_stand_in", "local_kv", "capacity_for",
            "row_spans", "KV_ATTR", "StaleCacheError"]
 
@@ -40,7 +42,7 @@ KV_ATTR = "_seqpar_kv"
 HEADROOM = 64
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(SeqparError):
     """A stand-in from an earlier step of a cache that has grown since (the cache was branched or reused)."""
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-__all__ = ["cached_run", "compile_logits", "layer_names", "model_dims"]
+__all__ = ["cached_run", "compile_logits", "layer_names", "model_dims", "padded_mask"]
 
 
 _runs: dict = {}
@@ -60,3 +60,11 @@ def model_dims(family: str, heads: int, kv_heads: int, hidden: int) -> dict:
     """H, Hkv and head_dim from the builder's arguments (GPT-2 is multi-head: Hkv = H)."""
     hkv = heads if family == "gpt2" else kv_heads
     return {"H": heads, "Hkv": hkv, "head_dim": hidden // heads}
+
+
+def padded_mask(batch: int, S: int) -> torch.Tensor:
+    """A left-padded batch's attention_mask: row b starts with 3*b pad tokens."""
+    mask = torch.ones(batch, S, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : 3 * b] = 0
+    return mask

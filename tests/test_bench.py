@@ -149,3 +149,23 @@ def test_missing_extras_name_the_install_command(monkeypatch, capsys):
     assert missing_extras(("eager", "hf_tp")) == ["matplotlib", "accelerate (for hf_tp)"]
     assert main(["bench", "--model", "bench-125m", "--layers", "1", "--seq-lens", "8"]) == 2
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_generate_mode_times_tokens_and_counts_decode_bytes():
+    """--generate: one tiny generation per run; every rank's tokens equal eager's; under outputs="local" a
+    generation's bytes are the prefill's plus, per decode step and layer, one all_gather of (out | lse)."""
+    from sp_compiler.bench_generate import format_generation_table
+
+    K, S = 3, 64
+    spec = BenchSpec(model="tiny", config=tiny_config(), seq_lens=(S,), world=2, strategies=("ulysses",),
+                     references=("eager",), runs=1, warmup=0, lower="aot_eager", outputs="local", machine=None,
+                     timeout=600, progress=False, generate=K)
+    result = cached_run(("bench-generate",), run_bench, spec)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"eager", "ulysses"} and all(r["ok"] for r in rows.values()), result["rows"]
+    u = rows["ulysses"]
+    assert u["tokens_same"] and u["ttft_ms"] > 0 and u["tpot_ms"] > 0 and u["seqpar_graphs"] == 3
+    prefill = (L * (B * S // 2 * (H + 2 * KV * D) + B * S * H // 2) + B * H) * FP32   # no cache gathered
+    decode = (K - 1) * L * 2 * B * HEADS * (D + 1) * FP32
+    assert u["bytes"] == prefill + decode, (u["bytes"], prefill, decode)
+    assert "TTFT ms" in format_generation_table(result)

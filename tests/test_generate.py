@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import build_model, make_inputs
-from seqpar_testing import cached_run
+from seqpar_testing import cached_run, padded_mask
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -26,13 +26,6 @@ NEW = 5                      # new tokens per generation: a prefill and NEW - 1 
 SEED = 7
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
-
-
-def _padded_mask(batch: int, S: int) -> torch.Tensor:
-    mask = torch.ones(batch, S, dtype=torch.long)
-    for b in range(batch):
-        mask[b, : 3 * b] = 0
-    return mask
 
 
 #: name -> (family, batch, prompt length, padded)
@@ -52,7 +45,7 @@ CASES = {
 def _generate(model, prompt, sample: bool):
     family, B, S, padded = PROMPTS[prompt]
     ids = make_inputs(family, B, S)
-    kwargs = {"attention_mask": _padded_mask(B, S)} if padded else {}
+    kwargs = {"attention_mask": padded_mask(B, S)} if padded else {}
     torch.manual_seed(SEED)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=NEW, do_sample=sample, top_k=0, pad_token_id=0,
@@ -241,3 +234,52 @@ def test_local_cache_holds_a_ranks_share_of_every_row(fake_pg):
     held = set(kv[0]["positions"].tolist())
     assert len(held) == row["rows_per_rank"][1] and all(0 <= p < S + K for p in held)
     assert torch.isnan(out.past_key_values.layers[0].keys).all(), "HF's cache holds stand-ins, not data"
+
+
+def test_an_earlier_steps_cache_is_refused(fake_pg):
+    """A cache kept local grows in place: a stand-in of an earlier step (a branched or restored cache)
+    raises StaleCacheError naming the fix, never a silently wrong answer."""
+    from sp_compiler.kv import StaleCacheError
+    from sp_compiler.testing import seqpar_error
+
+    fake_pg(2)
+    model = build_model("llama", **MODEL)
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "outputs": "local"})
+    ids = make_inputs("llama", 1, 22)
+    with torch.no_grad():
+        cache = model(ids[:, :21]).past_key_values
+        earlier = [(layer.keys, layer.values) for layer in cache.layers]
+        model(ids[:, 21:], cache=cache, position_ids=torch.tensor([[21]]))
+        for layer, (k, v) in zip(cache.layers, earlier):
+            layer.keys, layer.values = k, v
+        with pytest.raises(Exception) as info:
+            model(ids[:, 21:], cache=cache, position_ids=torch.tensor([[21]]))
+    err = seqpar_error(info.value) or info.value
+    assert isinstance(err, StaleCacheError) and "outputs='replicate'" in str(err), repr(info.value)
+
+
+def _inductor_body(cases):
+    out = {}
+    for strategy, outputs in cases:
+        torch._dynamo.reset()
+        model = build_model("llama", **INDUCTOR_MODEL)
+        model.compile(backend="seqpar", options={"strategy": strategy, "outputs": outputs})    # lower="inductor"
+        out[(strategy, outputs)] = _generate(model, "llama-19x2-padded", False)[0]
+    return out
+
+
+INDUCTOR_MODEL = dict(MODEL, kv_heads=4)          # 2 KV heads per rank: a head-split cache's strides matter
+INDUCTOR_CASES = [("tp", "local"), ("vanilla_sp_zigzag", "local")]
+
+
+@pytest.mark.parametrize("case", INDUCTOR_CASES, ids="-".join)
+def test_generate_with_inductor(case):
+    """End to end with the default lowering: Inductor compiles the prefill and the symbolic decode graph."""
+    results = cached_run(("generate-inductor",), run_ranks, _inductor_body, 2, INDUCTOR_CASES, timeout=1200)
+    family, B, S, padded = PROMPTS["llama-19x2-padded"]
+    ids = make_inputs(family, B, S)
+    with torch.no_grad():
+        want = build_model("llama", **INDUCTOR_MODEL).generate(ids, attention_mask=padded_mask(B, S),
+                                                               max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    for rank, res in enumerate(results):
+        assert torch.equal(res[case], want), f"rank {rank}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models import MORE_FAMILIES, build_model, make_inputs
-from seqpar_testing import cached_run
+from seqpar_testing import cached_run, padded_mask
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -29,18 +29,10 @@ TEN_LENGTHS = (64, 100, 137, 170, 211, 256, 300, 333, 401, 448)
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 
-def _padded_mask(batch: int, S: int) -> torch.Tensor:
-    """Left padding: row b starts with 3*b pad tokens."""
-    mask = torch.ones(batch, S, dtype=torch.long)
-    for b in range(batch):
-        mask[b, : 3 * b] = 0
-    return mask
-
-
 #: name -> (batch, length, call kwargs)
 CALLS = {
     "default": (1, 61, lambda B, S: {}),
-    "keep1_padded": (3, 67, lambda B, S: dict(attention_mask=_padded_mask(B, S), use_cache=False, logits_to_keep=1)),
+    "keep1_padded": (3, 67, lambda B, S: dict(attention_mask=padded_mask(B, S), use_cache=False, logits_to_keep=1)),
     "keep_tensor": (2, 61, lambda B, S: dict(use_cache=False, logits_to_keep=torch.tensor([0, 30, -1]))),
 }
 
@@ -104,7 +96,7 @@ def _lengths_body(strategy, lengths):
     before, outs = compile_count(), []
     for S in lengths:
         with torch.no_grad():
-            outs.append(_result(fast(make_inputs("llama", 2, S), attention_mask=_padded_mask(2, S),
+            outs.append(_result(fast(make_inputs("llama", 2, S), attention_mask=padded_mask(2, S),
                                      logits_to_keep=1)))
     return compile_count() - before, outs
 
@@ -119,7 +111,7 @@ def test_ten_lengths_compile_at_most_twice(strategy):
         assert compiles <= 2, f"rank {rank}: {compiles} seqpar compiles for {len(TEN_LENGTHS)} lengths"
         for S, (logits, kv) in zip(TEN_LENGTHS, outs):
             with torch.no_grad():
-                ref_logits, ref_kv = _result(model(make_inputs("llama", 2, S), attention_mask=_padded_mask(2, S),
+                ref_logits, ref_kv = _result(model(make_inputs("llama", 2, S), attention_mask=padded_mask(2, S),
                                                    logits_to_keep=1))
             torch.testing.assert_close(logits, ref_logits, **TOL, msg=lambda m: f"S={S} rank {rank}: {m}")
             for a, b in zip(kv, ref_kv):
