@@ -15,6 +15,12 @@ ask for every row's logits and compare the rows that are not padding.
     python examples/long_prompt_memory.py --seq-lens 8192,16384,32768,65536 --json mem.json
     python examples/long_prompt_memory.py --exact --seq-lens 16384 --cases causal,padded,packed
 
+``--heads 32 --kv-heads 8`` gives the model Llama-3-8B's query/KV head ratio (head_dim 16), and
+``--no-grouped-kv`` leaves HF's ``repeat_kv`` copy in the graph, to measure what ``passes/grouped_kv``
+saves:
+
+    python examples/long_prompt_memory.py --seq-lens 32768 --heads 32 --kv-heads 8 [--no-grouped-kv]
+
 ``--mmap-threshold 1048576`` fixes glibc's mmap threshold (it otherwise rises with each freed
 large block, and the heap then fragments under masked attention's per-block temporaries).
 """
@@ -49,11 +55,15 @@ def case_inputs(case: str, S: int) -> dict:
     return kwargs
 
 
-def _rank_body(strategy, S, case, lower, exact):
+def _rank_body(strategy, S, case, lower, exact, model_args=None, grouped_kv=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if not grouped_kv:                           # the A/B of --no-grouped-kv: K/V expanded as HF does
+        import passes
+
+        passes.PIPELINE.remove(passes.grouped_kv)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=S, **MODEL)).eval()
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=S, **(model_args or MODEL))).eval()
     fn = model if strategy == "one process" else torch.compile(
         model, backend="seqpar", options={"strategy": strategy, "lower": lower})
     t0 = time.perf_counter()
@@ -82,17 +92,26 @@ def main(argv=None) -> int:
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--exact", action="store_true", help="full logits, max |diff| against one process")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--heads", type=int, default=MODEL["num_attention_heads"])
+    p.add_argument("--kv-heads", type=int, default=MODEL["num_key_value_heads"])
+    p.add_argument("--head-dim", type=int, default=MODEL["hidden_size"] // MODEL["num_attention_heads"])
+    p.add_argument("--no-grouped-kv", action="store_true",
+                   help="leave HF's repeat_kv copy of K/V in the graph (to measure what passes/grouped_kv saves)")
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) for every run, one process included")
     args = p.parse_args(argv)
     if args.mmap_threshold is not None:            # read by glibc when each spawned process starts
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     strategies = args.strategies.split(",")
+    hidden = args.heads * args.head_dim
+    model_args = dict(MODEL, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, hidden_size=hidden,
+                      intermediate_size=2 * hidden)
     rows, records = [], []
     for S in map(int, args.seq_lens.split(",")):
         for case in args.cases.split(","):
             try:
-                one = run_ranks(_rank_body, 1, "one process", S, case, args.lower, args.exact, timeout=7200)[0]
+                one = run_ranks(_rank_body, 1, "one process", S, case, args.lower, args.exact, model_args,
+                                timeout=7200)[0]
             except RankError as e:            # e.g. killed for memory: the S x S mask of a long packed prompt
                 print(f"one process, S={S}, {case}: {str(e).splitlines()[0]}", flush=True)
                 one = dict(peak_gib=float("nan"), seconds=float("nan"), logits=None, failed=True)
@@ -101,9 +120,10 @@ def main(argv=None) -> int:
                                 seconds=one["seconds"], failed=bool(one.get("failed"))))
             for strategy in strategies:
                 res = run_ranks(_rank_body, args.world_size, strategy, S, case, args.lower, args.exact,
-                                timeout=7200)
+                                model_args, not args.no_grouped_kv, timeout=7200)
                 peak = max(r["peak_gib"] for r in res)
                 rec = dict(S=S, case=case, strategy=strategy, lower=args.lower, world=args.world_size,
+                           heads=args.heads, kv_heads=args.kv_heads, grouped_kv=not args.no_grouped_kv,
                            peak_gib=peak, ratio=peak / one["peak_gib"], seconds=max(r["seconds"] for r in res))
                 if args.exact and one["logits"] is not None:
                     rec["max_diff"] = max(_max_diff(r["logits"], one["logits"], case, S) for r in res)

@@ -2,7 +2,7 @@
 
     capture (once per compile, ``capture_graph``)
       -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
-      -> localize -> kv_attention -> mask_blocks -> rows_attention -> check_local_shapes
+      -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -18,6 +18,7 @@ from sp_compiler.errors import SeqparError
 
 from .annotate import annotate
 from .capture import capture, copy_graph
+from .grouped_kv import grouped_kv
 from .causal_mask import causal_mask
 from .insert import insert_collectives
 from .kv_attention import kv_attention
@@ -34,7 +35,7 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 log = logging.getLogger("seqpar")
 
 PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
-            kv_attention, mask_blocks, rows_attention, check_local_shapes]
+            grouped_kv, kv_attention, mask_blocks, rows_attention, check_local_shapes]
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:

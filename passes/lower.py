@@ -14,6 +14,7 @@ counter on the next call, and this rank's slices are cut again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -24,7 +25,8 @@ from sp_compiler.errors import SeqparError
 
 log = logging.getLogger("seqpar")
 
-__all__ = ["check_local_shapes", "lower", "local_example_inputs", "fake_inputs", "refresh_vals"]
+__all__ = ["check_local_shapes", "lower", "local_example_inputs", "fake_inputs", "refresh_vals",
+           "inductor_cpu_fixes"]
 
 
 def local_example_inputs(ctx) -> list:
@@ -84,7 +86,8 @@ def lower(gm: torch.fx.GraphModule, ctx):
     with torch.no_grad():
         if how == "inductor":
             from torch._inductor.compile_fx import compile_fx
-            compiled = compile_fx(gm, inputs)
+            with inductor_cpu_fixes():
+                compiled = compile_fx(gm, inputs)
         elif how == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
             compiled = aot_eager(gm, inputs)
@@ -103,6 +106,50 @@ def lower(gm: torch.fx.GraphModule, ctx):
             return compiled(*args)
 
     return run
+
+
+class _FixesKey:
+    """Puts ``inductor_cpu_fixes`` in the key of Inductor's FX graph cache (a no-op post-grad pass with a
+    uuid, the cache's hook for custom passes), so code generated before the fix is never reused."""
+
+    def __call__(self, graph):
+        return None
+
+    def uuid(self):
+        return "seqpar-inductor-cpu-fixes-1"
+
+
+@contextlib.contextmanager
+def inductor_cpu_fixes():
+    """Workarounds for torch 2.13's Inductor CPU codegen, while seqpar's graphs compile.
+
+    pytorch issue 196681 (fix: PR 196882, not in 2.13): a reduction tiled on two loop levels that are
+    not adjacent stores its tail block's accumulator at full vector width, past the end of the output
+    row: silently wrong values, or heap corruption (``malloc(): unaligned tcache chunk``, SIGSEGV) once
+    it passes the buffer's end. docs/inductor_cpu_bug.md has the reproducer (max |diff| 20.2 here).
+    Such kernels are tiled on their inner level only (1-D vectorization, as Inductor does when one
+    level qualifies); every other kernel is generated as before.
+    """
+    from torch._inductor import config
+    from torch._inductor.codegen.cpp import TilingSelect
+
+    original = TilingSelect.select_tiling
+
+    def select_tiling(self, fn_list, var_sizes_list):
+        factors, indices, stats = original(self, fn_list, var_sizes_list)
+        if len(indices) == 2 and indices[1] != indices[0] + 1:
+            log.info("seqpar: a kernel tiled on loop levels %s is tiled on %s only (pytorch issue 196681)",
+                     indices, indices[1:])
+            return factors[1:], indices[1:], stats
+        return factors, indices, stats
+
+    TilingSelect.select_tiling = select_tiling
+    try:
+        key = {} if config.post_grad_custom_post_pass is not None else {"post_grad_custom_post_pass": _FixesKey()}
+        with config.patch(**key):
+            yield
+    finally:
+        TilingSelect.select_tiling = original
 
 
 def _reslice(ctx, i, full):

@@ -13,6 +13,10 @@ the 2-D mask), so no tensor of S x S, or of S/N x S, exists:
                o_i = attention(q[:, :, iC:(i+1)C], k, v, attn_mask=m_i)
              o = cat(o_i, dim 2)
 
+Block i's mask rows are made from positions passed through ``seqpar::after(rows, o_{i-1})``
+(``sp_compiler/ordering.py``), chained across attention calls too, so a lowering that fuses or
+schedules eagerly (Inductor) still builds one block's mask at a time.
+
 Rows attention (vanilla SP) holds only its own query rows; their mask rows (already narrowed by
 ``insert``, S/N x S) are cut the same way, from the whole mask they were narrowed from.
 
@@ -33,12 +37,13 @@ given back whole (docs/long_prompts.md measures both).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
 import torch
 
-from sp_compiler import sdpa
+from sp_compiler import ordering, sdpa  # noqa: F401 - ordering registers seqpar::after
 from sp_compiler.collectives import ROWS_OF, Builder
 from sp_compiler.context import INSERTED, PLACEMENT
 from sp_compiler.narrow import narrow
@@ -54,6 +59,7 @@ MAX_BLOCKS = 64             # blocks per attention call at most
 
 
 def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    prev = None                                   # the last block's output: the next block's mask waits for it
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in ATTENTION_OPS:
             continue
@@ -69,7 +75,7 @@ def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         block = block_rows(B, rows, keys, ctx.world)
         spans = ctx.layout(rows).spans(ctx.rank) if whole is not m else [(0, rows)]
-        _split(gm, node, call, whole, spans, ctx, block)
+        prev = _split(gm, node, call, whole, spans, ctx, block, prev)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -84,8 +90,9 @@ def block_rows(batch: int, rows: int, keys: int, world: int) -> int:
     return min(max(flat, few), below, math.ceil(rows / 2))
 
 
-def _split(gm, node, call, whole, spans, ctx, block):
-    """``spans``: (global first row, rows) of the query rows this node holds, in local order."""
+def _split(gm, node, call, whole, spans, ctx, block, prev):
+    """``spans``: (global first row, rows) of the query rows this node holds, in local order;
+    ``prev``: the output the first block's mask waits for (``ordering.after``). Returns the last block's."""
     b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
     outs, local = [], 0
     for first, count in spans:
@@ -93,10 +100,10 @@ def _split(gm, node, call, whole, spans, ctx, block):
             n = min(block, first + count - start)
             q_i = b(aten.slice.Tensor, call.q, 2, local, local + n)
             local += n
-            m_i = narrow(b, whole, 2, lambda b_, x, d, s=start, n_=n: b_(aten.slice.Tensor, x, d, s, s + n_),
-                         rows=lambda size, n_=n: n_)
+            m_i = narrow(b, whole, 2, functools.partial(_rows, start=start, n=n, dep=prev), rows=lambda size, n_=n: n_)
             args, kwargs = sdpa.to_args(call.replace(q=q_i, mask=m_i))
-            outs.append(b(operator.getitem, b(node.target, *args, **kwargs), sdpa.OUTPUT))
+            prev = b(operator.getitem, b(node.target, *args, **kwargs), sdpa.OUTPUT)
+            outs.append(prev)
     out = b(aten.cat.default, outs, 2)
     out.meta[PLACEMENT] = node.meta[PLACEMENT][sdpa.OUTPUT] if isinstance(node.meta[PLACEMENT], tuple) \
         else node.meta[PLACEMENT]
@@ -106,3 +113,10 @@ def _split(gm, node, call, whole, spans, ctx, block):
             gm.graph.erase_node(u)
     if not node.users:
         gm.graph.erase_node(node)
+    return prev
+
+
+def _rows(b, x, dim, *, start, n, dep):
+    """Rows start..start+n of ``x`` (a leaf of the mask: positions, an arange), made after ``dep``."""
+    rows = b(aten.slice.Tensor, x, dim, start, start + n)
+    return rows if dep is None else b(torch.ops.seqpar.after.default, rows, dep)

@@ -20,6 +20,7 @@ them in and out around every call and decides which rank keeps a decode step's n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -35,7 +36,8 @@ from passes import capture_graph, lower, run_pipeline
 
 from passes.kv_attention import cache_outputs
 
-from .config import Options
+from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
+from .config import STRATEGY_NAMES, Options
 from .context import PassContext, layer_of
 from .dump import GraphDumper, layer_summary, layout_of, layout_table
 from .errors import InputError
@@ -72,8 +74,8 @@ def seqpar_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
 class Compiled:
     """One lowered graph and what the caller needs to know of it."""
 
-    def __init__(self, run, ctx, layout, caches):
-        self.run, self.ctx, self.layout = run, ctx, layout
+    def __init__(self, run, ctx, layout, caches, fingerprint):
+        self.run, self.ctx, self.layout, self.fingerprint = run, ctx, layout, fingerprint
         self.caches = {i: key for i, (key, _) in caches.items()}      # output -> KV key ('model.layers.0.k')
         self.cache_shapes = {i: shape for i, (_, shape) in caches.items()}   # as the model makes them
 
@@ -105,7 +107,45 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     del _history[:-MAX_HISTORY]
     log.info("seqpar: %s%s on %d ranks, collectives per layer:\n%s", opts.strategy, " (short call)" if short else "",
              world, layer_summary(ctx.collectives))
-    return Compiled(lower(aten_gm, ctx), ctx, layout, caches)
+    return Compiled(lower(aten_gm, ctx), ctx, layout, caches, fingerprint(ctx, opts))
+
+
+def fingerprint(ctx, opts) -> Fingerprint:
+    """What this rank compiled, for ``agree.check_ranks``: the same on every rank that runs the same thing."""
+    params = [(fqn, tuple(x.shape), str(x.dtype)) for fqn, x in zip(ctx.input_fqns, ctx.full_inputs)
+              if fqn is not None and isinstance(x, torch.Tensor)]
+    collectives = [(r["kind"], str(r["dim"]), tuple(r["shape"]), r["dtype"]) for r in ctx.collectives]
+    options = repr(dataclasses.replace(opts, dump_dir=None))
+    layers = {layer_path(fqn) for fqn, _, _ in params} - {None}
+    return Fingerprint(strategy=STRATEGY_NAMES.index(opts.strategy), options=stable_hash(options),
+                       layers=len(layers), model=stable_hash(repr(params)), collectives=len(collectives),
+                       collectives_hash=stable_hash(repr(collectives)), strategy_name=opts.strategy,
+                       extra={"options": options, "model": f"{len(params)} parameters",
+                              "collectives_hash": ", ".join(sorted({c[0] for c in collectives}))})
+
+
+def _check(opts, fp, args, token, kv_length=0, error=0):
+    """``agree.check_ranks`` for one call of a graph (``fp`` None: this rank failed to compile it)."""
+    if not opts.check_ranks:
+        return
+    user = [(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a for a in args]
+    batch, tokens = tuple(args[token].shape[:2]) if token is not None else (0, 0)
+    values = (fp or Fingerprint()).values(tokens, batch, kv_length, stable_hash(repr(user)), error)
+    check_ranks(values, fp, group=None)
+
+
+@contextlib.contextmanager
+def _joined_on_failure(opts, args, token):
+    """A rank that fails to compile a call still joins that call's ``check_ranks`` (error set), so the
+    ranks that compiled raise too instead of waiting in it; then it raises its own error."""
+    try:
+        yield
+    except Exception:
+        try:
+            _check(opts, None, args, token, error=1)
+        except RankMismatchError:
+            pass                                   # the others raise it; this rank raises its own error
+        raise
 
 
 def _short_call(example_inputs, fqns, gm, opts, world) -> bool:
@@ -148,7 +188,8 @@ class _Graph:
         self.kv = [i for i, x in enumerate(example_inputs) if is_stand_in(x)]
         self.compiled: "OrderedDict[object, Compiled]" = OrderedDict()
         if not self.exact:                               # exact: at the first call, which has concrete sizes
-            self._compiled_for(example_inputs, self._plan(example_inputs))
+            with _joined_on_failure(opts, example_inputs, self.token):
+                self._compiled_for(example_inputs, self._plan(example_inputs))
 
     def _plan(self, args):
         """The KV cache this call reads (None for a fresh one) and, split by sequence, where its new rows go."""
@@ -175,8 +216,10 @@ class _Graph:
         return self.compiled[key]
 
     def __call__(self, *args):
-        step = self._plan(args)
-        graph = self._compiled_for(args, step)
+        with _joined_on_failure(self.opts, args, self.token):
+            step = self._plan(args)
+            graph = self._compiled_for(args, step)
+        _check(self.opts, graph.fingerprint, args, self.token, step.state.length if step is not None else 0)
         local = list(args)
         for i in self.kv:
             local[i] = step.state.buffers[kv_of(args[i])[1]]
@@ -356,20 +399,14 @@ class _Bucketed:
 
     def __call__(self, *args):
         S = args[self.token].shape[1]
-        self._check_lengths(args, S)
-        padded_len = bucket_length(S, world_info()[0], self.opts.buckets)
-        if self.out_dims is None:
-            padded_len = S                                     # outputs not recognised: exact length
-        padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in padded)
-        if key not in self.compiled:
-            log.info("seqpar: compiling for prompt length %d (bucket %d)", S, padded_len)
-            self.compiled[key] = _compile(self.gm, padded, self.opts, self.fqns, real_len=True)
-            if len(self.compiled) > MAX_GRAPHS:
-                old, _ = self.compiled.popitem(last=False)
-                log.info("seqpar: dropped the graph for input shapes %s (more than %d kept)", old, MAX_GRAPHS)
-        self.compiled.move_to_end(key)
-        graph = self.compiled[key]
+        with _joined_on_failure(self.opts, args, self.token):
+            self._check_lengths(args, S)
+            padded_len = bucket_length(S, world_info()[0], self.opts.buckets)
+            if self.out_dims is None:
+                padded_len = S                                 # outputs not recognised: exact length
+            padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]
+            graph = self._compiled_for(padded, S, padded_len)
+        _check(self.opts, graph.fingerprint, args, self.token)
         outs = graph(*padded, torch.tensor(S))
         layout = [_real_rows(row, dims, S) for row, dims in zip(graph.layout, self.out_dims or [()] * len(outs))]
         _last["layout"] = layout
@@ -378,6 +415,17 @@ class _Bucketed:
         if self.opts.outputs == "local":
             outs = keep_kv_local(outs, graph, None, S, self.opts)
         return outs
+
+    def _compiled_for(self, padded, S, padded_len) -> Compiled:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in padded)
+        if key not in self.compiled:
+            log.info("seqpar: compiling for prompt length %d (bucket %d)", S, padded_len)
+            self.compiled[key] = _compile(self.gm, padded, self.opts, self.fqns, real_len=True)
+            if len(self.compiled) > MAX_GRAPHS:
+                old, _ = self.compiled.popitem(last=False)
+                log.info("seqpar: dropped the graph for input shapes %s (more than %d kept)", old, MAX_GRAPHS)
+        self.compiled.move_to_end(key)
+        return self.compiled[key]
 
     def _check_lengths(self, args, S):
         for i in self.seq["inputs"]:

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .agree import in_check
 from .errors import SeqparError
 
 __all__ = [
@@ -190,12 +191,15 @@ class CollectiveCounter(TorchDispatchMode):
     (DTensor) handles its own ops with the counter still active, so the collectives of its implicit
     redistributions count too. ``total_bytes`` is None when an op it does not know ran (``unknown``).
     Collectives issued from C++ without the dispatcher (a custom kernel's own NCCL calls) are not seen.
+    seqpar's rank check before each call (``agree.check_ranks``) is counted apart, in ``checks``
+    (calls, bytes): it is not the model's communication.
     """
 
     def __init__(self):
         super().__init__()
         self.calls: Counter = Counter()
         self.bytes: Counter = Counter()
+        self.checks = [0, 0]
         self.unknown: set = set()
 
     @classmethod
@@ -209,7 +213,10 @@ class CollectiveCounter(TorchDispatchMode):
         size = collective_size(func, args, out)
         if size is not None:
             kind, nbytes = size
-            if kind.startswith("unknown:"):
+            if in_check():
+                self.checks[0] += 1
+                self.checks[1] += nbytes
+            elif kind.startswith("unknown:"):
                 self.unknown.add(kind.split(":", 1)[1])
             else:
                 self.calls[kind] += 1
@@ -221,8 +228,9 @@ class CollectiveCounter(TorchDispatchMode):
         return None if self.unknown else sum(self.bytes.values())
 
     def describe(self) -> str:
-        """'4 all_gather, 1 all_reduce' (or 'none')."""
-        return ", ".join(f"{n} {k}" for k, n in sorted(self.calls.items())) or "none"
+        """'4 all_gather, 1 all_reduce' (or 'none'), then the rank checks if any ran."""
+        text = ", ".join(f"{n} {k}" for k, n in sorted(self.calls.items())) or "none"
+        return text + (f" (+ {self.checks[0]} rank check, {self.checks[1]} B)" if self.checks[0] else "")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -409,6 +417,7 @@ def _summary(m: dict, ref: torch.Tensor, dev, ranks: bool, compiled: bool) -> di
         "first_call_s": first, "compile_s": max(first - median / 1e3, 0.0) if compiled else None,
         "bytes": counted, "bytes_per_rank": [None if b < 0 else int(b) for b in per_rank],
         "collectives": {k: {"calls": c.calls[k], "bytes": c.bytes[k]} for k in sorted(c.calls)},
+        "rank_check": {"calls": c.checks[0], "bytes": c.checks[1]},
         "collectives_text": c.describe(), "unknown_ops": sorted(c.unknown), "graph_bytes": m["graph_bytes"],
         "max_abs_diff": diff, "peak_bytes_per_rank": peaks,
     }

@@ -23,6 +23,7 @@ class Options:
     lower: str = "inductor"
     outputs: str = "replicate"          # every rank returns whole outputs | each its own shard
     buckets: object = "auto"            # lengths per compile, when Dynamo hands a symbolic graph
+    check_ranks: bool = True            # one small all_gather per call: ranks that disagree raise (agree.py)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -43,6 +44,8 @@ class Options:
                                                  and all(isinstance(b, int) and b > 0 for b in opts.buckets))):
             raise OptionsError(f"buckets={opts.buckets!r} is not valid; choose one of {list(BUCKET_MODES)} or give "
                                f"a list of positive prompt lengths, e.g. [1024, 2048, 4096]")
+        if not isinstance(opts.check_ranks, bool):
+            raise OptionsError(f"check_ranks={opts.check_ranks!r} is not valid; choose True (default) or False")
         if not isinstance(opts.layers, Mapping):
             raise OptionsError(f"layers must be a dict of module-path pattern -> strategy, got {opts.layers!r}")
         if "auto" in dict(opts.layers).values():

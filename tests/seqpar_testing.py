@@ -5,9 +5,6 @@ The gloo launcher, fake process groups and the error unwrapper are in ``sp_compi
 
 from __future__ import annotations
 
-import re
-import warnings
-
 import torch
 
 __all__ = ["cached_run", "compile_logits", "layer_names", "model_dims", "padded_mask"]
@@ -16,27 +13,15 @@ __all__ = ["cached_run", "compile_logits", "layer_names", "model_dims", "padded_
 _runs: dict = {}
 
 
-_KILLED = re.compile(r"rank \d+ died with exit code -\d+")
-
-
 def cached_run(key, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` once per ``key`` for the test session; a failure is cached and
     re-raised by every test that asks, so a broken group of ranks costs one run, not one per test.
-
-    A group whose rank was killed by a signal is run once more, with a warning in the test report;
-    any other failure, or a second crash, fails. The crash is an open bug (README, Tests): heap
-    corruption in gloo ranks running several compiled graphs; each crashed group passed alone."""
+    A rank that crashes fails every test of its group: no rerun."""
     if key not in _runs:
-        for attempt in (1, 2):
-            try:
-                _runs[key] = ("ok", fn(*args, **kwargs))
-                break
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                _runs[key] = ("error", e)
-                if attempt == 2 or not _KILLED.search(str(e)):
-                    break
-                warnings.warn(f"cached_run{key}: a rank was killed by a signal; running the group again:\n"
-                              f"{str(e)[:2000]}")
+        try:
+            _runs[key] = ("ok", fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            _runs[key] = ("error", e)
     status, value = _runs[key]
     if status == "error":
         raise value

@@ -55,7 +55,7 @@ def result():
     spec = BenchSpec(model="tiny", config=tiny_config(), seq_lens=SEQ_LENS, world=2, strategies=("tp", "ulysses"),
                      references=("eager",), runs=2, warmup=1, lower="aot_eager", machine=MACHINE, timeout=300,
                      progress=False)
-    return cached_run(("bench",), run_bench, spec)       # reruns once if a rank is killed by a signal
+    return cached_run(("bench",), run_bench, spec)
 
 
 def test_json_fields(result, tmp_path):

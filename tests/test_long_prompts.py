@@ -2,18 +2,24 @@
 
     structure   S = 16384 on a fake process group of 2, every strategy, causal / padded / packed
                 documents: no node of rank 0's local graph has S^2/N elements or more (the
-                graph runs on fake tensors: nothing is computed)
+                graph runs on fake tensors: nothing is computed), and every attention reads K/V on
+                the model's KV heads (``passes/grouped_kv``: no repeat_kv copy); a masked prompt's
+                attention is cut in query blocks whose masks are built one after the other
+                (``seqpar::after``: Inductor cannot build them all up front)
     numerics    masked attention cut into query blocks (``passes/mask_blocks``, forced on at a
                 small S) matches one device on 2 gloo ranks, heads and rows strategies, and on
                 4 ranks for a heads and a rows strategy
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from models import build_model, make_inputs, packed_position_ids
+from sp_compiler import sdpa
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -22,6 +28,7 @@ __all__ = []
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 LONG = 16384
+HEADS, KV_HEADS = 4, 2
 
 
 def _case_kwargs(case: str, B: int, S: int) -> dict:
@@ -33,6 +40,16 @@ def _case_kwargs(case: str, B: int, S: int) -> dict:
     if case == "packed":
         return dict(position_ids=packed_position_ids(B, [S // 3, S // 3, S - 2 * (S // 3)]))
     return {}
+
+
+def _ancestors(node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for x in todo.pop().all_input_nodes:
+            if x not in seen:
+                seen.add(x)
+                todo.append(x)
+    return seen
 
 
 def _largest(gm):
@@ -52,7 +69,7 @@ def test_no_rank_builds_s_by_s(strategy, case, fake_pg):
 
     world = 2
     fake_pg(world)
-    model = build_model("llama", max_position_embeddings=LONG)
+    model = build_model("llama", heads=HEADS, kv_heads=KV_HEADS, max_position_embeddings=LONG)
     fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "eager"})
     with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
         fast(torch.zeros(1, LONG, dtype=torch.long), use_cache=False, logits_to_keep=1,
@@ -60,10 +77,18 @@ def test_no_rank_builds_s_by_s(strategy, case, fake_pg):
     gm, _ = last_graph()
     numel, name, shape = _largest(gm)
     assert numel < LONG * LONG // world, f"{name} {shape}: {numel} elements"
+    attention = [n for n in gm.graph.nodes if sdpa.is_attention(n)]
+    for n in attention:                                                 # K/V on the KV heads (grouped_kv)
+        q, k, v = (sdpa.bind(n)[x].meta["val"].shape[1] for x in ("q", "k", "v"))
+        assert k == v == q * KV_HEADS // HEADS, f"{n.name}: {q} query heads read {k} key, {v} value heads"
+    masked = [n for n in attention if sdpa.bind(n).mask is not None]
+    assert len(masked) > 2 * 2 or case == "causal", f"{len(masked)} masked attention calls: the mask was not cut"
+    for before, after in zip(masked, masked[1:]):     # one block's mask at a time, whatever the lowering fuses
+        assert before in _ancestors(sdpa.bind(after).mask), f"{after.name}'s mask does not wait for {before.name}"
 
 
 def _blocked_body(strategies, cases, B, S):
-    import passes.mask_blocks as mask_blocks
+    mask_blocks = importlib.import_module("passes.mask_blocks")   # the module (passes.mask_blocks is the pass)
 
     mask_blocks.MIN_MASK = 1                               # cut every mask into query blocks
     out = {}
