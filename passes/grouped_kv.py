@@ -83,6 +83,8 @@ def repeat_source(x) -> Optional[Node]:
     u = e.args[0]
     if not (isinstance(u, Node) and u.target == aten.unsqueeze.default and u.args[1] == 2):
         return None
-    if list(x.args[1]) != [B, heads, S, D] or heads != Hkv * r:
+    if not all(isinstance(n, int) for n in (heads, Hkv, r)) or heads != Hkv * r:
+        return None
+    if list(x.args[1]) != [B, heads, S, D]:
         return None
     return u.args[0]
