@@ -124,25 +124,27 @@ def fingerprint(ctx, opts) -> Fingerprint:
                               "collectives_hash": ", ".join(sorted({c[0] for c in collectives}))})
 
 
-def _check(opts, fp, args, token, kv_length=0, error=0):
-    """``agree.check_ranks`` for one call of a graph (``fp`` None: this rank failed to compile it)."""
+def _check(opts, fp, args, token, fqns, kv_length=0, error=0):
+    """``agree.check_ranks`` for one call of a graph (``fp`` None: this rank failed to compile it). The
+    inputs hash covers the user's inputs only: the parameters are in the compile-time ``model`` hash."""
     if not opts.check_ranks:
         return
-    user = [(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a for a in args]
+    user = [(tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else a
+            for a, fqn in zip(args, fqns) if fqn is None]
     batch, tokens = tuple(args[token].shape[:2]) if token is not None else (0, 0)
     values = (fp or Fingerprint()).values(tokens, batch, kv_length, stable_hash(repr(user)), error)
     check_ranks(values, fp, group=None)
 
 
 @contextlib.contextmanager
-def _joined_on_failure(opts, args, token):
+def _joined_on_failure(opts, args, token, fqns):
     """A rank that fails to compile a call still joins that call's ``check_ranks`` (error set), so the
     ranks that compiled raise too instead of waiting in it; then it raises its own error."""
     try:
         yield
     except Exception:
         try:
-            _check(opts, None, args, token, error=1)
+            _check(opts, None, args, token, fqns, error=1)
         except RankMismatchError:
             pass                                   # the others raise it; this rank raises its own error
         raise
@@ -188,7 +190,7 @@ class _Graph:
         self.kv = [i for i, x in enumerate(example_inputs) if is_stand_in(x)]
         self.compiled: "OrderedDict[object, Compiled]" = OrderedDict()
         if not self.exact:                               # exact: at the first call, which has concrete sizes
-            with _joined_on_failure(opts, example_inputs, self.token):
+            with _joined_on_failure(opts, example_inputs, self.token, fqns):
                 self._compiled_for(example_inputs, self._plan(example_inputs))
 
     def _plan(self, args):
@@ -216,10 +218,11 @@ class _Graph:
         return self.compiled[key]
 
     def __call__(self, *args):
-        with _joined_on_failure(self.opts, args, self.token):
+        with _joined_on_failure(self.opts, args, self.token, self.fqns):
             step = self._plan(args)
             graph = self._compiled_for(args, step)
-        _check(self.opts, graph.fingerprint, args, self.token, step.state.length if step is not None else 0)
+        _check(self.opts, graph.fingerprint, args, self.token, self.fqns,
+               step.state.length if step is not None else 0)
         local = list(args)
         for i in self.kv:
             local[i] = step.state.buffers[kv_of(args[i])[1]]
@@ -399,14 +402,14 @@ class _Bucketed:
 
     def __call__(self, *args):
         S = args[self.token].shape[1]
-        with _joined_on_failure(self.opts, args, self.token):
+        with _joined_on_failure(self.opts, args, self.token, self.fqns):
             self._check_lengths(args, S)
             padded_len = bucket_length(S, world_info()[0], self.opts.buckets)
             if self.out_dims is None:
                 padded_len = S                                 # outputs not recognised: exact length
             padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]
             graph = self._compiled_for(padded, S, padded_len)
-        _check(self.opts, graph.fingerprint, args, self.token)
+        _check(self.opts, graph.fingerprint, args, self.token, self.fqns)
         outs = graph(*padded, torch.tensor(S))
         layout = [_real_rows(row, dims, S) for row, dims in zip(graph.layout, self.out_dims or [()] * len(outs))]
         _last["layout"] = layout
