@@ -1,6 +1,7 @@
 """What the tests, the examples and the calibration share: gloo ranks, fake process groups, errors.
 
     run_ranks(fn, N, *args)         fn(*args) on N spawned gloo ranks on 127.0.0.1; results by rank
+                                    (SEQPAR_RANK_POOL=1: on N ranks kept from the last call, see below)
     init_rank(rank, N, port)        what each of those ranks runs first: env vars, loopback gloo,
                                     one intra-op thread, init_process_group("gloo")
     fake_process_group(N, rank)     a process group that never communicates: real world size and
@@ -24,10 +25,18 @@ directory, so tensors and nested containers of them are fine. If any rank raises
 traceback; the other ranks (likely blocked in a collective) are killed shortly after. Nothing
 waits forever: ranks still running after ``timeout`` seconds are killed and
 :class:`RankTimeout` is raised.
+
+With ``SEQPAR_RANK_POOL=1`` (the test suite sets it) the N processes and their process group
+outlive the call and run the next call of the same N: process start-up, imports and gloo set-up
+(about 8 s a call on 2 cores) are paid once per world size. Each call starts with empty Dynamo
+caches and gets the environment variables it started with back. A call that fails or times out
+discards its pool (a rank may be stuck in a collective); the next call starts a fresh one.
+Examples and the calibration measure per-process memory and run without it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -127,6 +136,82 @@ def _worker(
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - already failing or exiting
                 pass
+    _save_payload(tmpdir, rank, payload)
+
+
+def _pool_worker(rank: int, world_size: int, port: int, conn) -> None:
+    """Body of one pooled rank: init gloo once, then run every job the parent sends until it sends None."""
+    try:
+        init_rank(rank, world_size, port, timeout=3600)
+    except BaseException:  # noqa: BLE001 - reported with the first job
+        conn.send(traceback.format_exc())
+        return
+    conn.send(None)
+    while True:
+        job = conn.recv()
+        if job is None:
+            break
+        tmpdir, fn, args, kwargs = job
+        env = dict(os.environ)
+        torch._dynamo.reset()
+        try:
+            payload = {"ok": True, "result": fn(*args, **kwargs)}
+        except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+            payload = {"ok": False, "traceback": traceback.format_exc()}
+        os.environ.clear()
+        os.environ.update(env)
+        _save_payload(tmpdir, rank, payload)
+    dist.destroy_process_group()
+
+
+class _Pool:
+    """N rank processes kept between ``run_ranks`` calls of the same N (``SEQPAR_RANK_POOL=1``)."""
+
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self.conns, self.procs, self.ready = [], [], False
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_pool_worker, args=(rank, world_size, port, child),
+                            name=f"seqpar-pool-rank{rank}", daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def start(self, tmpdir, fn, args, kwargs) -> list:
+        """Send the job; returns the ranks that failed to start (their tracebacks)."""
+        errors = []
+        if not self.ready:                           # each rank says None once gloo is up, or why not
+            for rank, conn in enumerate(self.conns):
+                msg = conn.recv() if conn.poll(600) else "no answer from the rank within 600 s"
+                if msg is not None:
+                    errors.append(f"--- rank {rank} failed to start ---\n{msg}")
+            self.ready = True
+        if not errors:
+            for conn in self.conns:
+                conn.send((tmpdir, fn, args, kwargs))
+        return errors
+
+    def close(self, kill: bool = False) -> None:
+        for conn, p in zip(self.conns, self.procs):
+            if not kill and p.is_alive():
+                with contextlib.suppress(Exception):
+                    conn.send(None)
+                p.join(5.0)
+            _kill(p)
+
+
+_POOLS: dict = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+def _save_payload(tmpdir: str, rank: int, payload: dict) -> None:
     path = _result_path(tmpdir, rank)
     try:
         torch.save(payload, path + ".tmp")
@@ -163,26 +248,41 @@ def run_ranks(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    pooled = os.environ.get("SEQPAR_RANK_POOL") == "1"
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="seqpar-ranks-") as tmpdir:
-        port = free_port()
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(rank, world_size, port, tmpdir, timeout, fn, args, kwargs),
-                name=f"seqpar-rank{rank}",
-                daemon=False,
-            )
-            for rank in range(world_size)
-        ]
-        for p in procs:
-            p.start()
+        if pooled:
+            pool = _POOLS.get(world_size) or _POOLS.setdefault(world_size, _Pool(world_size))
+            procs = pool.procs
+            start_errors = pool.start(tmpdir, fn, args, kwargs)
+            if start_errors:
+                _POOLS.pop(world_size).close(kill=True)
+                raise RankError(f"run_ranks({getattr(fn, '__qualname__', fn)!s}): the pool did not start\n"
+                                + "\n".join(start_errors))
+        else:
+            port = free_port()
+            procs = [
+                ctx.Process(
+                    target=_worker,
+                    args=(rank, world_size, port, tmpdir, timeout, fn, args, kwargs),
+                    name=f"seqpar-rank{rank}",
+                    daemon=False,
+                )
+                for rank in range(world_size)
+            ]
+            for p in procs:
+                p.start()
+
+        def running():
+            if pooled:                               # the job is done when every rank left its result
+                return [p for r, p in enumerate(procs) if p.is_alive() and not os.path.exists(_result_path(tmpdir, r))]
+            return [p for p in procs if p.is_alive()]
 
         deadline = time.monotonic() + timeout
         failed_at: float | None = None
         timed_out = False
         try:
-            while any(p.is_alive() for p in procs):
+            while running():
                 now = time.monotonic()
                 if failed_at is None and any(
                     os.path.exists(_failed_marker(tmpdir, r))
@@ -197,9 +297,13 @@ def run_ranks(
                     break
                 time.sleep(_POLL_S)
         finally:
-            stragglers = [r for r, p in enumerate(procs) if p.is_alive()]
-            for p in procs:
-                _kill(p)
+            left = running()
+            stragglers = [r for r, p in enumerate(procs) if p in left]
+            if not pooled:
+                for p in procs:
+                    _kill(p)
+            elif left or failed_at is not None or any(not p.is_alive() for p in procs):
+                _POOLS.pop(world_size).close(kill=True)    # a rank may be stuck in a collective: start afresh
 
         results: list[Any] = [None] * world_size
         errors: list[str] = []

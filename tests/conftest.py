@@ -1,4 +1,5 @@
-"""Pytest setup: make the repository root importable (normally ``pip install -e .`` does)."""
+"""Pytest setup: make the repository root importable (normally ``pip install -e .`` does), and the
+``--full`` option: the gloo matrices in their full size (``seqpar_testing.FULL``)."""
 
 import os
 import sys
@@ -14,6 +15,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 __all__ = ["dynamo_reset", "fake_pg"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the gloo matrices in full (every family x strategy x case; about an hour on 2 "
+                          "cores) instead of CI's cut (under 15 minutes); same as SEQPAR_FULL=1")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("SEQPAR_RANK_POOL", "1")    # run_ranks keeps its processes between calls (testing.py)
+    if config.getoption("--full"):
+        os.environ["SEQPAR_FULL"] = "1"      # read by seqpar_testing when the test modules import it
+
+
+def pytest_report_header(config):
+    return "seqpar: full gloo matrices" if os.environ.get("SEQPAR_FULL") == "1" else \
+        "seqpar: CI's gloo matrices (--full for all of them)"
 
 
 @pytest.fixture

@@ -5,9 +5,21 @@ The gloo launcher, fake process groups and the error unwrapper are in ``sp_compi
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["cached_run", "compile_logits", "layer_names", "model_dims", "padded_mask"]
+__all__ = ["FULL", "cached_run", "compile_logits", "full_or", "layer_names", "model_dims", "padded_mask"]
+
+#: ``pytest --full`` (or SEQPAR_FULL=1): every gloo matrix in full. Without it each gloo file runs
+#: CI's cut, chosen so the suite stays under 15 minutes on 2 cores: every strategy still runs, on
+#: fewer families, worlds and call forms; what is cut is listed beside each matrix.
+FULL = os.environ.get("SEQPAR_FULL") == "1"
+
+
+def full_or(ci, full):
+    """``full`` under ``--full``, else ``ci``: one matrix, two sizes."""
+    return full if FULL else ci
 
 
 _runs: dict = {}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import build_model, make_inputs
-from seqpar_testing import cached_run, padded_mask
+from seqpar_testing import cached_run, full_or, padded_mask
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -36,11 +36,14 @@ PROMPTS = {"llama-21": ("llama", 1, 21, False), "llama-19x2-padded": ("llama", 2
 #: Every strategy with outputs="local" (each layout's decode: split-KV or TP on head-split caches); "replicate"
 #: decodes the same replicated way for every strategy, so two strategies cover it; padding, GPT-2 and 4 ranks
 #: for the layouts where they change something (zig-zag's chunk pairs, TP's widened KV heads at Hkv < N).
+#: CI's cut keeps one replicate, one padded and one 4-rank case (--full: two of each).
 CASES = {
-    2: [("llama-21", s, "local") for s in STRATEGIES] + [("llama-21", s, "replicate") for s in ("ulysses", "tp")]
-    + [("llama-19x2-padded", s, "local") for s in ("vanilla_sp_zigzag", "megatron_sp_tp")]
+    2: [("llama-21", s, "local") for s in STRATEGIES]
+    + [("llama-21", s, "replicate") for s in full_or(("ulysses",), ("ulysses", "tp"))]
+    + [("llama-19x2-padded", s, "local") for s in full_or(("vanilla_sp_zigzag",), ("vanilla_sp_zigzag",
+                                                                                  "megatron_sp_tp"))]
     + [("gpt2-21", "megatron_sp", "local")],
-    4: [("llama-19x2-padded", s, "local") for s in ("vanilla_sp_zigzag", "tp")],
+    4: [("llama-19x2-padded", s, "local") for s in full_or(("vanilla_sp_zigzag",), ("vanilla_sp_zigzag", "tp"))],
 }
 
 
@@ -271,7 +274,7 @@ def _inductor_body(cases):
 
 
 INDUCTOR_MODEL = dict(MODEL, kv_heads=4)          # 2 KV heads per rank: a head-split cache's strides matter
-INDUCTOR_CASES = [("tp", "local"), ("vanilla_sp_zigzag", "local")]
+INDUCTOR_CASES = full_or([("tp", "local")], [("tp", "local"), ("vanilla_sp_zigzag", "local")])
 
 
 @pytest.mark.parametrize("case", INDUCTOR_CASES, ids="-".join)

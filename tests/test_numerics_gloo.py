@@ -6,11 +6,13 @@ and imports are paid once per group; results are cached for the module and each
 (family, strategy, world) is its own test. References are computed in the test process.
 
     strategies  tp, ulysses, megatron_sp, megatron_sp_tp
-    worlds      2, 4; and 1 for ulysses (heads=8, kv_heads=4, hidden=128: every world divides)
-    lower       aot_eager; plus Inductor end to end for ulysses and megatron_sp_tp (llama, world 2)
-    extras      attention_mask of ones (llama, gpt2; world 2): HF then builds an input-dependent mask;
+    worlds      2; 4 for tp and ulysses (--full: 4 for every strategy, and 1 for ulysses)
+                (heads=8, kv_heads=4, hidden=128: every world divides)
+    families    llama, gpt2 (--full: mistral, qwen2 too)
+    lower       aot_eager; plus Inductor end to end for ulysses (--full: megatron_sp_tp too; llama, world 2)
+    extras      attention_mask of ones (llama; --full: gpt2 too; world 2): HF then builds an input-dependent mask;
                 batch 1 (llama, world 2): B*S rows no longer tell batch and sequence apart;
-                fewer KV heads than ranks (llama Hkv=2, H=4 and 8, at world 4), every strategy
+                fewer KV heads than ranks (llama Hkv=2, H=4 and 8, at world 4)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from models import FAMILIES, build_model, make_inputs
-from seqpar_testing import cached_run
+from seqpar_testing import cached_run, full_or
 from sp_compiler.testing import run_ranks
 
 __all__ = []
@@ -30,7 +32,7 @@ STRATEGIES = ("tp", "ulysses", "megatron_sp", "megatron_sp_tp")
 WORLDS = (1, 2, 4)
 BATCH, SEQ, LAYERS = 2, 16, 2
 SHAPE = dict(heads=8, kv_heads=4, hidden=128)
-MASKED_FAMILIES = ("llama", "gpt2")
+MASKED_FAMILIES = full_or(("llama",), ("llama", "gpt2"))
 #: fewer KV heads than ranks at world 4 (Hkv = 2 < 4): ulysses cannot split the KV heads 4 ways,
 #: TP strategies share each KV head between 2 ranks
 FEW_KV = {"llama-h4-kv2": dict(heads=4, kv_heads=2, hidden=128),
@@ -75,7 +77,7 @@ _refs: dict = {}
 
 
 def _cases_for(strategy, world):
-    cases = [((family, False), family, SHAPE, False) for family in FAMILIES]
+    cases = [((family, False), family, SHAPE, False) for family in RUN_FAMILIES]
     if world == 2:
         cases += [((family, True), family, SHAPE, True) for family in MASKED_FAMILIES]
         cases += [(("llama-b1", False), "llama", SHAPE, False, 1)]
@@ -115,12 +117,16 @@ def check_every_rank(results, key, ref):
 
 # ----------------------------------------------------------------------------- tests
 
-#: world 1 (no collective at all) once; the collectives themselves are unit-tested (tests/unit)
-RUNS = [(s, w) for s in STRATEGIES for w in WORLDS if w > 1 or s == "ulysses"]
+#: world 1 (no collective at all) once; the collectives themselves are unit-tested (tests/unit).
+#: CI's cut: every strategy at world 2; world 4 for tp and ulysses (heads split 4 ways, and Hkv < N);
+#: Llama and GPT-2 (Mistral and Qwen2 run in test_prefill_calls and test_vanilla_sp); world 1 in --full.
+RUNS = full_or([(s, 2) for s in STRATEGIES] + [("tp", 4), ("ulysses", 4)],
+               [(s, w) for s in STRATEGIES for w in WORLDS if w > 1 or s == "ulysses"])
+RUN_FAMILIES = full_or(("llama", "gpt2"), FAMILIES)
 
 
 @pytest.mark.parametrize("strategy,world", RUNS, ids=[f"{s}-w{w}" for s, w in RUNS])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", RUN_FAMILIES)
 def test_matches_single_process(family, strategy, world):
     results = group_results(strategy, world)
     assert len(results) == world
@@ -134,7 +140,7 @@ def test_the_runs_really_communicated(strategy, world):
     results = group_results(strategy, world)
     want = {} if world == 1 else EXPECTED_KINDS[strategy]
     for rank, per_rank in enumerate(results):
-        for family in FAMILIES:
+        for family in RUN_FAMILIES:
             assert per_rank[(family, False)][1] == want, (rank, family, per_rank[(family, False)][1])
 
 
@@ -160,7 +166,7 @@ def test_batch_one(strategy):
 
 
 @pytest.mark.parametrize("name", sorted(FEW_KV))
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", sorted({s for s, w in RUNS if w == 4}))
 def test_fewer_kv_heads_than_ranks(strategy, name):
     """Hkv=2 KV heads on 4 ranks: still exact on every rank, with the usual collectives."""
     results = group_results(strategy, 4)
@@ -169,7 +175,7 @@ def test_fewer_kv_heads_than_ranks(strategy, name):
         assert per_rank[(name, False)][1] == EXPECTED_KINDS[strategy]
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "megatron_sp_tp"])
+@pytest.mark.parametrize("strategy", full_or(["ulysses"], ["ulysses", "megatron_sp_tp"]))
 def test_inductor_llama_world2(strategy):
     cases = [(("llama", False), "llama", SHAPE, False)]
     results = group_results(strategy, 2, lower="inductor", cases=cases)

@@ -34,7 +34,7 @@ import torch
 from torch.fx.node import map_arg
 
 from models import FAMILIES, build_model, make_inputs, packed_position_ids
-from seqpar_testing import cached_run, compile_logits, layer_names, model_dims
+from seqpar_testing import cached_run, compile_logits, full_or, layer_names, model_dims
 from sp_compiler.testing import fake_process_group, run_ranks
 
 __all__ = []
@@ -494,10 +494,10 @@ def check(results, family, case):
                                    msg=lambda m, r=rank: f"rank {r} of {len(results)}, {family} {case}: {m}")
 
 
-#: world 4 runs 4 processes on CI's 2 cores: it keeps causal and packed documents on Llama and
-#: GPT-2; padding, the other families and the sliding-window variant run at world 2.
+#: world 4 runs 4 processes on CI's 2 cores: it keeps causal and packed documents on Llama (--full: and
+#: GPT-2); padding, the other families (--full) and the sliding-window variant run at world 2.
 WORLD_CASES = {2: NUM_CASES, 4: ("causal", "packed")}
-WORLD_FAMILIES = {2: FAMILIES, 4: ("llama", "gpt2")}
+WORLD_FAMILIES = {2: full_or(("llama", "gpt2"), FAMILIES), 4: full_or(("llama",), ("llama", "gpt2"))}
 RUNS = [(w, f, c) for w in WORLD_CASES for f in WORLD_FAMILIES[w] for c in WORLD_CASES[w]]
 
 
@@ -528,7 +528,7 @@ def test_packed_case_really_differs_from_causal():
     assert not torch.allclose(reference("mistral-sw8", "causal"), reference("mistral", "causal"), atol=1e-3)
 
 
-@pytest.mark.parametrize("strategy", ["vanilla_sp_zigzag"])
+@pytest.mark.parametrize("strategy", full_or([], ["vanilla_sp_zigzag"]))    # CI: test_generate's Inductor run
 def test_inductor_llama_world2(strategy):
     results = group(strategy, 2, lower="inductor", families=("llama",), cases=("causal",))
     check(results, "llama", "causal")
