@@ -11,15 +11,18 @@
         fused [q | k | v] projections use S(d, sf=3): every block is split on its own
 
 Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and
-passed in place of the full ones on every call (``ctx.local_inputs``).
+passed in place of the full ones on every call (``ctx.local_inputs``). Parameters that are
+stand-ins (``options["checkpoint"]``, ``sp_compiler.checkpoint``) are read from the checkpoint
+instead: the slice where the placement slices them, the whole tensor where it does not.
 """
 from __future__ import annotations
 
 import torch
 
+from sp_compiler.checkpoint import is_stand_in, open_checkpoint, stand_in_names
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
-from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, split_factor
+from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_slices
 from sp_compiler.strategies import layer_path, tp_role
 
 aten = torch.ops.aten
@@ -33,10 +36,12 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         if i in ctx.kv:
             node.meta[PLACEMENT] = RankLocal() if ctx.kv[i].split == "seq" else Shard(1)
             continue
-        node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
-        if is_shard(node.meta[PLACEMENT]):
-            ctx.local_inputs[i] = shard_tensor(ctx.example_inputs[i], node.meta[PLACEMENT], ctx.world, ctx.rank)
-            ctx.sliced[i] = node.meta[PLACEMENT]
+        p = node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
+        piece = _piece(ctx, i, p)
+        if piece is not None:
+            ctx.local_inputs[i] = piece
+        if is_shard(p):
+            ctx.sliced[i] = p
     ctx.options.plan.check(layer_path(module_path(n)) for n in gm.graph.nodes
                            if n.op == "call_function" and layer_path(module_path(n)))
     tokens = token_input(gm)
@@ -73,13 +78,27 @@ def _placement(node, fqn, ctx):
     return make_shard(dim, blocks)
 
 
+def _piece(ctx, i, p):
+    """What input ``i`` is on this rank, where it is not what Dynamo hands over; None where it is."""
+    fqn, checkpoint = ctx.input_fqns[i], ctx.options.checkpoint
+    full = ctx.full_inputs[i] if fqn is not None else None       # a parameter or buffer, as Dynamo handed it
+    if fqn is not None and is_stand_in(full):
+        if checkpoint is None:
+            raise InputError(f"parameter {fqn!r} has no values: it is a stand-in (sp_compiler.stand_ins). Fix: pass "
+                             f"options['checkpoint'] = the safetensors directory to read the weights from")
+        return open_checkpoint(checkpoint).read(stand_in_names(full, fqn), ctx.example_inputs[i], p, ctx.world,
+                                                ctx.rank, widen=ctx.widen.get(i))
+    if checkpoint is not None and fqn is not None and fqn in open_checkpoint(checkpoint).files:
+        raise InputError(f"parameter {fqn!r} holds real values and options['checkpoint'] = {checkpoint!r} holds it "
+                         f"too: seqpar will not guess which wins. Fix: build the model with "
+                         f"accelerate.init_empty_weights() and sp_compiler.stand_ins(model) (or call "
+                         f"sp_compiler.from_pretrained), or drop the checkpoint option")
+    return shard_tensor(ctx.example_inputs[i], p, ctx.world, ctx.rank) if is_shard(p) else None
+
+
 def shard_tensor(t: torch.Tensor, p, world: int, rank: int) -> torch.Tensor:
     """This rank's piece of a full tensor under S(d[, sf]), as a new contiguous tensor."""
-    d, sf = p.dim, split_factor(p)
-    shape = list(t.shape)
-    blocks = t.detach().reshape(shape[:d] + [sf, shape[d] // sf] + shape[d + 1:])
-    piece = blocks.chunk(world, dim=d + 1)[rank]
-    return piece.reshape(shape[:d] + [-1] + shape[d + 1:]).contiguous()
+    return torch.cat([t.detach()[idx] for idx in shard_slices(t.shape, p, world, rank)], dim=p.dim).contiguous()
 
 
 def token_input(gm):

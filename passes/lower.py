@@ -157,5 +157,8 @@ def _reslice(ctx, i, full):
     from .annotate import shard_tensor
 
     log.info("seqpar: %s changed since the compile; slicing it again", ctx.input_fqns[i])
+    if i not in ctx.sliced:                       # a stand-in read whole from the checkpoint, since replaced
+        ctx.local_inputs[i] = full.detach()
+        return
     full = ctx.widen.get(i, lambda w: w)(full)
     ctx.local_inputs[i].copy_(shard_tensor(full, ctx.sliced[i], ctx.world, ctx.rank))

@@ -100,13 +100,17 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     dumper.attention_work(ctx.attention_work)
     layout = layout_of(ctx)
     dumper.write("outputs.txt", layout_table(layout))
+    mine, whole = ctx.weight_bytes()
+    dumper.write("weights.txt", f"rank {rank} holds {mine} bytes of parameters and buffers "
+                                f"({mine / max(whole, 1):.1%} of the model's {whole})\n")
     _last_report[:] = ctx.collectives
     _last.update(gm=aten_gm, ctx=ctx, layout=layout)
     _history.append({"strategy": opts.strategy, "batch": ctx.batch, "tokens": ctx.seq_len, "short": short,
                      "kv": sorted({info.split for info in ctx.kv.values()}), "collectives": list(ctx.collectives)})
     del _history[:-MAX_HISTORY]
-    log.info("seqpar: %s%s on %d ranks, collectives per layer:\n%s", opts.strategy, " (short call)" if short else "",
-             world, layer_summary(ctx.collectives))
+    log.info("seqpar: %s%s on %d ranks, %.1f MiB of weights on this rank (%.0f%% of the model), collectives per "
+             "layer:\n%s", opts.strategy, " (short call)" if short else "", world, mine / 2**20,
+             100 * mine / max(whole, 1), layer_summary(ctx.collectives))
     return Compiled(lower(aten_gm, ctx), ctx, layout, caches, fingerprint(ctx, opts))
 
 
@@ -115,7 +119,7 @@ def fingerprint(ctx, opts) -> Fingerprint:
     params = [(fqn, tuple(x.shape), str(x.dtype)) for fqn, x in zip(ctx.input_fqns, ctx.full_inputs)
               if fqn is not None and isinstance(x, torch.Tensor)]
     collectives = [(r["kind"], str(r["dim"]), tuple(r["shape"]), r["dtype"]) for r in ctx.collectives]
-    options = repr(dataclasses.replace(opts, dump_dir=None))
+    options = repr(dataclasses.replace(opts, dump_dir=None, checkpoint=opts.checkpoint and "<path>"))
     layers = {layer_path(fqn) for fqn, _, _ in params} - {None}
     return Fingerprint(strategy=STRATEGY_NAMES.index(opts.strategy), options=stable_hash(options),
                        layers=len(layers), model=stable_hash(repr(params)), collectives=len(collectives),

@@ -54,14 +54,14 @@ def format_plan(preds, *, verbose: bool = False) -> str:
     for p in preds:
         mark = "*" if p.strategy == best else ""
         if not p.ok:
-            rows.append([p.strategy, short_reason(p.error), "", "", "", "", "", ""])
+            rows.append([p.strategy, short_reason(p.error), "", "", "", "", "", "", ""])
             continue
         rows.append([p.strategy, p.collectives, _mib(p.comm_bytes_per_layer), f"{p.comm_s_per_layer * 1e6:,.1f}",
                      f"{p.compute_s_per_layer * 1e6:,.1f}", f"{(p.other_comm_s + p.other_compute_s) * 1e3:,.2f}",
-                     f"{p.total_s * 1e3:,.2f}", mark])
+                     f"{p.total_s * 1e3:,.2f}", f"{p.weight_bytes / 2**30:,.2f}", mark])
     headers = ["strategy", "collectives / layer", "MiB / layer", "comm us / layer", "compute us / layer",
-               "non-layer ms", "prefill ms", "fastest"]
-    text = tabulate(rows, headers=headers, disable_numparse=True, colalign=("left", "left") + ("right",) * 6)
+               "non-layer ms", "prefill ms", "weights GiB / rank", "fastest"]
+    text = tabulate(rows, headers=headers, disable_numparse=True, colalign=("left", "left") + ("right",) * 7)
     if verbose:
         text += "\n" + "\n".join(f"\n{p.strategy}: {p.error}" for p in preds if not p.ok)
     return text + "\n"

@@ -1,6 +1,7 @@
 """The ``options`` dict of ``torch.compile(..., backend="seqpar", options=...)``, validated."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -24,6 +25,7 @@ class Options:
     outputs: str = "replicate"          # every rank returns whole outputs | each its own shard
     buckets: object = "auto"            # lengths per compile, when Dynamo hands a symbolic graph
     check_ranks: bool = True            # one small all_gather per call: ranks that disagree raise (agree.py)
+    checkpoint: Optional[str] = None    # safetensors directory: parameters are stand-ins, read per rank (checkpoint.py)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -46,6 +48,10 @@ class Options:
                                f"a list of positive prompt lengths, e.g. [1024, 2048, 4096]")
         if not isinstance(opts.check_ranks, bool):
             raise OptionsError(f"check_ranks={opts.check_ranks!r} is not valid; choose True (default) or False")
+        if opts.checkpoint is not None and not (isinstance(opts.checkpoint, (str, os.PathLike))
+                                                and os.path.isdir(opts.checkpoint)):
+            raise OptionsError(f"checkpoint={opts.checkpoint!r} is not a directory; give the directory "
+                               f"model.save_pretrained(dir) wrote (model.safetensors, or shards and their index)")
         if not isinstance(opts.layers, Mapping):
             raise OptionsError(f"layers must be a dict of module-path pattern -> strategy, got {opts.layers!r}")
         if "auto" in dict(opts.layers).values():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -105,6 +105,23 @@ class PassContext:
         if len(shape) >= 2 and shape[1] == self.seq_len:
             return make_shard(1)
         return Replicate()
+
+    def weight_bytes(self, num_layers: Optional[int] = None) -> Tuple[int, int]:
+        """(bytes of parameters and buffers this rank holds, bytes of the whole model's), read from the
+        inputs' pieces (sliced, read from a checkpoint, or whole). ``num_layers``: a graph traced on fewer
+        decoder layers (``seqpar plan``) is extrapolated from its last one."""
+        per_layer: Dict[str, List[int]] = {}
+        for i, (fqn, full) in enumerate(zip(self.input_fqns, self.full_inputs)):
+            if fqn is None or not isinstance(full, torch.Tensor) or i in self.kv:
+                continue
+            mine = self.local_inputs.get(i, full)
+            row = per_layer.setdefault(layer_path(fqn) or "", [0, 0])
+            row[0] += mine.numel() * mine.element_size()
+            row[1] += full.numel() * full.element_size()
+        layers = sorted((k for k in per_layer if k), key=lambda k: int(k.rsplit(".", 1)[1]))
+        extra = max((num_layers or 0) - len(layers), 0)
+        last = per_layer[layers[-1]] if layers else [0, 0]
+        return tuple(sum(r[j] for r in per_layer.values()) + extra * last[j] for j in (0, 1))
 
     def check_divisible(self, node, size: int, what: str, hint: str):
         """Head counts must split evenly (a sequence length need not: ``placements.Layout``)."""

@@ -404,6 +404,7 @@ class Prediction:
     compute_s_per_layer: float = 0.0
     other_comm_s: float = 0.0              # embedding, masks, final norm, lm_head, logits gather
     other_compute_s: float = 0.0
+    weight_bytes: float = 0.0             # parameters this rank holds (the whole model's on every rank for SP)
     total_s: float = math.inf
     error: Optional[str] = None
 
@@ -437,7 +438,7 @@ def predict(gm: torch.fx.GraphModule, ctx, machine, num_layers: int, fusion: boo
                       seq_len=ctx.seq_len, num_layers=num_layers, rank=ctx.rank, collectives=steady.describe(),
                       comm_bytes_per_layer=steady.comm_bytes, comm_s_per_layer=steady.comm_s,
                       compute_s_per_layer=steady.compute_s, other_comm_s=other_comm,
-                      other_compute_s=other_compute, total_s=total)
+                      other_compute_s=other_compute, weight_bytes=ctx.weight_bytes(num_layers)[0], total_s=total)
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["SeqparError", "OptionsError", "InputError", "ShardingError", "UnsupportedOpError", "ShapeConstraintError",
-           "module_path"]
+__all__ = ["SeqparError", "OptionsError", "InputError", "CheckpointError", "ShardingError", "UnsupportedOpError",
+           "ShapeConstraintError", "module_path"]
 
 
 class SeqparError(RuntimeError):
@@ -17,6 +17,11 @@ class OptionsError(SeqparError, ValueError):
 
 class InputError(SeqparError, ValueError):
     """A call's inputs do not fit together (lengths, devices); the message names the input."""
+
+
+class CheckpointError(SeqparError, ValueError):
+    """A checkpoint that cannot give a weight (missing, another shape, a dtype seqpar does not cast);
+    the message names the tensor and the file."""
 
 
 def module_path(node) -> str:

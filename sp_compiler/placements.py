@@ -25,7 +25,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 __all__ = [
     "Partial", "Placement", "Replicate", "Shard", "_StridedShard", "RankLocal",
     "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate", "is_rank_local",
-    "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint",
+    "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint", "shard_slices",
 ]
 
 
@@ -149,6 +149,22 @@ def local_shape(shape: Sequence[int], p, world: int, rank: int = 0, zigzag: bool
         sf = split_factor(p)
         shape[p.dim] = sf * Layout(shape[p.dim] // sf, world, zigzag).local_size(rank)
     return tuple(shape)
+
+
+def shard_slices(shape: Sequence[int], p, world: int, rank: int) -> List[tuple]:
+    """Index tuples that cut ``rank``'s piece of a tensor of ``shape`` under S(d[, sf]): one per block,
+    to be concatenated along d. Any sliceable source takes them: a tensor, or a safetensors slice that
+    reads only those bytes from disk (``sp_compiler.checkpoint``).
+
+        S(0) of [8, 4], rank 1 of 2            [(slice(4, 8),)]
+        S(0, sf=3) of [12, 4] (q|k|v), rank 1  [(slice(2, 4),), (slice(6, 8),), (slice(10, 12),)]
+    """
+    d, sf = p.dim, split_factor(p)
+    block = shape[d] // sf
+    n = -(-block // world)                      # torch.chunk's cut: ceil(block / N) rows, the last rank fewer
+    lo, hi = min(rank * n, block), min((rank + 1) * n, block)
+    lead = (slice(None),) * d
+    return [lead + (slice(b * block + lo, b * block + hi),) for b in range(sf)]
 
 
 def fmt(p) -> str:

@@ -1,0 +1,195 @@
+"""Weights read per rank from a safetensors checkpoint (``options["checkpoint"]``, ``sp_compiler.from_pretrained``).
+
+    fake process group   each rank's pieces put back together are the checkpoint's tensors; sliced
+                         weights are 1/N of them; the model keeps its stand-ins; bad checkpoints and
+                         mixed sources fail with the tensor and the file named
+    gloo, 2 ranks        from_pretrained(dir) under tp, ulysses, megatron_sp_tp and vanilla_sp_zigzag:
+                         HF's default call and a greedy generation equal AutoModelForCausalLM.from_pretrained(dir)
+                         on one process; a sharded checkpoint (index + several files) for tp
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import build_model, make_inputs
+from seqpar_testing import cached_run
+from sp_compiler import CheckpointError, InputError, OptionsError, from_pretrained, stand_ins
+from sp_compiler.testing import run_ranks, seqpar_error
+
+__all__ = []
+
+MODEL = dict(layers=2, heads=4, kv_heads=2, hidden=64)
+STRATEGIES = ("tp", "ulysses", "megatron_sp_tp", "vanilla_sp_zigzag")
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+pytestmark = pytest.mark.usefixtures("dynamo_reset")
+
+
+def _save(path, family="llama", shard_size=None, **kw):
+    model = build_model(family, **{**MODEL, **kw})
+    model.save_pretrained(path, **({"max_shard_size": shard_size} if shard_size else {}))
+    return model
+
+
+def _compile_once(path, strategy, **options):
+    """from_pretrained on the fake group, one call; -> (model, the compile's context)."""
+    import sp_compiler.backend as backend
+
+    model = from_pretrained(str(path), strategy=strategy, lower="eager", check_ranks=False, **options)
+    with torch.no_grad():
+        model(make_inputs("llama", 1, 9))
+    return model, backend.last_graph()[1]
+
+
+# ----------------------------------------------------------------------------- fake process group
+
+@pytest.mark.parametrize("strategy", ["tp", "ulysses"])
+def test_pieces_put_together_are_the_checkpoint(strategy, tmp_path, fake_pg):
+    """Rank r's pieces, concatenated over r along the sliced dim, are the saved tensors; replicated ones
+    are read whole; under tp each sliced weight is 1/N of its tensor; the model keeps its stand-ins."""
+    saved = _save(tmp_path / "ck")
+    want = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    pieces = {}
+    for rank in range(2):
+        fake_pg(2, rank)
+        model, ctx = _compile_once(tmp_path / "ck", strategy)
+        for i, x in ctx.local_inputs.items():
+            pieces.setdefault(ctx.input_fqns[i], []).append((x.clone(), ctx.sliced.get(i)))
+        torch.distributed.destroy_process_group()
+        torch._dynamo.reset()
+    assert set(pieces) == {n for n, _ in saved.named_parameters()}
+    for name, ((a, p), (b, _)) in pieces.items():
+        if p is None:
+            assert torch.equal(a, want[name]) and torch.equal(b, want[name]), name
+        else:
+            assert a.numel() * 2 == want[name].numel(), (name, a.shape)
+            assert torch.equal(torch.cat([a, b], dim=p.dim), want[name]), name
+    assert any(p is not None for (_, p), _ in pieces.values()) == (strategy == "tp")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert w.untyped_storage().nbytes() == w.element_size(), "the model holds a whole weight"
+
+
+def test_sharded_checkpoint_with_index(tmp_path, fake_pg):
+    _save(tmp_path / "ck", shard_size="40KB")
+    files = sorted(os.listdir(tmp_path / "ck"))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2, files
+    fake_pg(2, 1)
+    _, ctx = _compile_once(tmp_path / "ck", "tp")
+    index = json.load(open(tmp_path / "ck" / "model.safetensors.index.json"))["weight_map"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    i = ctx.input_fqns.index(name)
+    full = load_file(str(tmp_path / "ck" / index[name]))[name]
+    assert torch.equal(ctx.local_inputs[i], full[:, full.shape[1] // 2:]), "rank 1's rows of a row-parallel weight"
+
+
+def _broken(tmp_path, edit):
+    _save(tmp_path / "ck")
+    file = str(tmp_path / "ck" / "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    return tmp_path / "ck"
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing", ["'model.layers.1.mlp.up_proj.weight'", "is not in checkpoint"]),
+    ("shape", ["'model.layers.0.self_attn.o_proj.weight'", "model.safetensors", "has shape [64, 16]", "[64, 64]"]),
+    ("dtype", ["'model.norm.weight'", "model.safetensors", "stored as I64"]),
+])
+def test_a_bad_checkpoint_names_the_tensor_and_the_file(case, words, tmp_path, fake_pg):
+    edits = {"missing": lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+             "shape": lambda t: t.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 16)}),
+             "dtype": lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int64)})}
+    path = _broken(tmp_path, edits[case])
+    fake_pg(2, 0)
+    with pytest.raises(Exception) as info:
+        _compile_once(path, "tp")
+    err = seqpar_error(info.value)
+    assert isinstance(err, CheckpointError), repr(info.value)
+    for w in words:
+        assert w in str(err), (w, str(err))
+
+
+def test_real_weights_and_a_checkpoint_are_refused(tmp_path, fake_pg):
+    model = _save(tmp_path / "ck")
+    fake_pg(2, 0)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": "tp", "lower": "eager",
+                                                           "checkpoint": str(tmp_path / "ck")})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        fast(make_inputs("llama", 1, 9))
+    err = seqpar_error(info.value)
+    assert isinstance(err, InputError) and "holds real values" in str(err) and "init_empty_weights" in str(err)
+
+
+def test_stand_ins_without_a_checkpoint_are_refused(tmp_path, fake_pg):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _save(tmp_path / "ck")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "ck"))
+    stand_ins(model)
+    fake_pg(2, 0)
+    fast = torch.compile(model, backend="seqpar", options={"strategy": "tp", "lower": "eager"})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        fast(make_inputs("llama", 1, 9))
+    err = seqpar_error(info.value)
+    assert isinstance(err, InputError) and "stand-in" in str(err) and "checkpoint" in str(err)
+
+
+def test_checkpoint_must_be_a_directory(tmp_path):
+    with pytest.raises(OptionsError, match="not a directory"):
+        from_pretrained(str(tmp_path / "nowhere"), strategy="tp")
+
+
+def test_tied_embeddings_are_read_once(tmp_path, fake_pg):
+    """GPT-2 ties lm_head to the embedding: the checkpoint holds one tensor, the stand-in stays tied."""
+    _save(tmp_path / "ck", family="gpt2")
+    fake_pg(2, 0)
+    model = from_pretrained(str(tmp_path / "ck"), strategy="ulysses", lower="eager", check_ranks=False)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        logits = model(make_inputs("gpt2", 1, 9)).logits
+    assert logits.shape == (1, 9, model.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------- gloo ranks
+
+def _rank_body(path, sharded):
+    out = {}
+    for strategy in STRATEGIES:
+        torch._dynamo.reset()
+        model = from_pretrained(path, strategy=strategy, lower="aot_eager")
+        with torch.no_grad():
+            logits = model(make_inputs("llama", 2, 13)).logits                          # HF's default call
+            tokens = model.generate(make_inputs("llama", 1, 11), max_new_tokens=4, do_sample=False)
+        out[strategy] = (logits, tokens)
+    torch._dynamo.reset()
+    model = from_pretrained(sharded, strategy="tp", lower="aot_eager")
+    with torch.no_grad():
+        out["tp-sharded"] = (model(make_inputs("llama", 2, 13)).logits, None)
+    return out
+
+
+def test_from_pretrained_matches_one_device(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("ck")
+    _save(root / "one")
+    _save(root / "sharded", shard_size="40KB")
+    results = cached_run(("checkpoint",), run_ranks, _rank_body, 2, str(root / "one"), str(root / "sharded"),
+                         timeout=900)
+    ref = AutoModelForCausalLM.from_pretrained(root / "one")
+    with torch.no_grad():
+        want_logits = ref(make_inputs("llama", 2, 13)).logits
+        want_tokens = ref.generate(make_inputs("llama", 1, 11), max_new_tokens=4, do_sample=False)
+    for rank, res in enumerate(results):
+        for name, (logits, tokens) in res.items():
+            torch.testing.assert_close(logits, want_logits, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
+            if tokens is not None:
+                assert torch.equal(tokens, want_tokens), (rank, name, tokens, want_tokens)
