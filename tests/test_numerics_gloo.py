@@ -12,7 +12,7 @@ and imports are paid once per group; results are cached for the module and each
     lower       aot_eager; plus Inductor end to end for ulysses (--full: megatron_sp_tp too; llama, world 2)
     extras      attention_mask of ones (llama; --full: gpt2 too; world 2): HF then builds an input-dependent mask;
                 batch 1 (llama, world 2): B*S rows no longer tell batch and sequence apart;
-                fewer KV heads than ranks (llama Hkv=2, H=4 and 8, at world 4)
+                fewer KV heads than ranks (llama Hkv=2, H=4; --full: and H=8; at world 4)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MASKED_FAMILIES = full_or(("llama",), ("llama", "gpt2"))
 #: fewer KV heads than ranks at world 4 (Hkv = 2 < 4): ulysses cannot split the KV heads 4 ways,
 #: TP strategies share each KV head between 2 ranks
 FEW_KV = {"llama-h4-kv2": dict(heads=4, kv_heads=2, hidden=128),
-          "llama-h8-kv2": dict(heads=8, kv_heads=2, hidden=128)}
+          **full_or({}, {"llama-h8-kv2": dict(heads=8, kv_heads=2, hidden=128)})}
 TOL = dict(atol=1e-5, rtol=1e-5)
 TIMEOUT = 600
 

@@ -119,6 +119,23 @@ def test_llama3_8b_ulysses_moves_less_than_tp(llama8b):
     assert uly * 6 < tp          # (H + 2Hkv + H) D / N  vs  2 hidden: 10.5 MB vs 64 MB per layer
 
 
+@pytest.mark.parametrize("strategy", ["tp", "megatron_sp_tp", "ulysses"])
+def test_llama3_8b_weights_per_rank_match_formulas(llama8b, strategy):
+    """What ``seqpar plan`` reports a rank holds, extrapolated from 2 traced layers to 32: TP slices
+    attention and MLP 8 ways (megatron_sp_tp: attention only); the rest is whole on every rank."""
+    cfg, graphs = llama8b
+    hidden, h, hkv, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    d = hidden // h
+    attn = hidden * (h + 2 * hkv) * d + h * d * hidden
+    mlp = 3 * hidden * inter
+    attn_n = attn // N if strategy in ("tp", "megatron_sp_tp") else attn
+    mlp_n = mlp // N if strategy == "tp" else mlp
+    layer = attn_n + mlp_n + 2 * hidden                                  # + two RMSNorm weights
+    want = (cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * hidden + hidden) * BF16
+    got = graphs[strategy][1].weight_bytes(cfg.num_hidden_layers)[0]
+    assert abs(got - want) <= 4 * d, (strategy, got, want)               # RoPE's inv_freq buffer (fp32, d/2)
+
+
 def test_transform_matches_the_compile_path():
     """The cached-Dynamo-graph fast path builds the very graph torch.compile(backend='seqpar') builds."""
     from models import build_config

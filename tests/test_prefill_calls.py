@@ -41,18 +41,20 @@ CALLS = {
 #: three sequence layouts, Mistral and Qwen2 under ulysses and zig-zag, three more families; --full adds
 #: GPT-2 under every strategy, the other HF families and two more 4-rank layouts.
 CASES = {
-    2: [("llama", s, c) for s in ALL for c in ("default", "keep1_padded")]
+    2: [("llama", s, "default") for s in ALL]
+    + [("llama", s, "keep1_padded") for s in full_or(("ulysses", "vanilla_sp_zigzag", "megatron_sp_tp", "tp"), ALL)]
     + [("llama", s, "keep_tensor") for s in full_or(("vanilla_sp_zigzag", "megatron_sp"), ALL)]
     + [("gpt2", s, "default") for s in full_or(("ulysses", "vanilla_sp_zigzag", "megatron_sp"), ALL)]
     + [("gpt2", s, "keep1_padded") for s in full_or(("megatron_sp_tp",), ("ulysses", "vanilla_sp_zigzag",
                                                                           "megatron_sp_tp"))]
-    + [(f, s, "default") for f in ("mistral", "qwen2") for s in ("ulysses", "vanilla_sp_zigzag")]
+    + [(f, s, "default") for f in ("mistral", "qwen2") for s in full_or(("vanilla_sp_zigzag",),
+                                                                          ("ulysses", "vanilla_sp_zigzag"))]
     + [(f, "ulysses", "default") for f in full_or(("qwen3", "gemma"), MORE_FAMILIES)]
     + [(f, "vanilla_sp_zigzag", "keep1_padded") for f in full_or(("phi3",), ("phi3", "cohere"))]
     + [("phi3", "tp", "default")],
-    4: [("llama", s, c) for s in full_or(("vanilla_sp_zigzag", "tp"), ("ulysses", "vanilla_sp_zigzag",
-                                                                      "megatron_sp", "tp"))
-        for c in ("default", "keep1_padded")],
+    4: full_or([("llama", "vanilla_sp_zigzag", "default"), ("llama", "tp", "keep1_padded")],
+               [("llama", s, c) for s in ("ulysses", "vanilla_sp_zigzag", "megatron_sp", "tp")
+                for c in ("default", "keep1_padded")]),
 }
 
 
