@@ -24,7 +24,6 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    os.environ.setdefault("SEQPAR_RANK_POOL", "1")    # run_ranks keeps its processes between calls (testing.py)
     if config.getoption("--full"):
         os.environ["SEQPAR_FULL"] = "1"      # read by seqpar_testing when the test modules import it
 

@@ -3,7 +3,7 @@
     fake process group   each rank's pieces put back together are the checkpoint's tensors; sliced
                          weights are 1/N of them; the model keeps its stand-ins; bad checkpoints and
                          mixed sources fail with the tensor and the file named
-    gloo, 2 ranks        from_pretrained(dir) under tp, ulysses, megatron_sp_tp and vanilla_sp_zigzag:
+    gloo, 2 ranks        from_pretrained(dir) under tp and ulysses (--full: megatron_sp_tp, vanilla_sp_zigzag too):
                          HF's default call and a greedy generation equal AutoModelForCausalLM.from_pretrained(dir)
                          on one process; a sharded checkpoint (index + several files) for tp
 """
@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import build_model, make_inputs
-from seqpar_testing import cached_run
+from seqpar_testing import cached_run, full_or
 from sp_compiler import CheckpointError, InputError, OptionsError, from_pretrained, stand_ins
 from sp_compiler.testing import run_ranks, seqpar_error
 
 __all__ = []
 
 MODEL = dict(layers=2, heads=4, kv_heads=2, hidden=64)
-STRATEGIES = ("tp", "ulysses", "megatron_sp_tp", "vanilla_sp_zigzag")
+STRATEGIES = full_or(("tp", "ulysses"), ("tp", "ulysses", "megatron_sp_tp", "vanilla_sp_zigzag"))
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")

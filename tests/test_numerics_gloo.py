@@ -6,7 +6,7 @@ and imports are paid once per group; results are cached for the module and each
 (family, strategy, world) is its own test. References are computed in the test process.
 
     strategies  tp, ulysses, megatron_sp, megatron_sp_tp
-    worlds      2; 4 for tp and ulysses (--full: 4 for every strategy, and 1 for ulysses)
+    worlds      2; 4 for ulysses (--full: 4 for every strategy, and 1 for ulysses)
                 (heads=8, kv_heads=4, hidden=128: every world divides)
     families    llama, gpt2 (--full: mistral, qwen2 too)
     lower       aot_eager; plus Inductor end to end for ulysses (--full: megatron_sp_tp too; llama, world 2)
@@ -118,9 +118,10 @@ def check_every_rank(results, key, ref):
 # ----------------------------------------------------------------------------- tests
 
 #: world 1 (no collective at all) once; the collectives themselves are unit-tested (tests/unit).
-#: CI's cut: every strategy at world 2; world 4 for tp and ulysses (heads split 4 ways, and Hkv < N);
+#: CI's cut: every strategy at world 2; world 4 for ulysses (heads split 4 ways, and Hkv < N; tp at 4 ranks
+#: runs in test_prefill_calls and test_checkpoint's fake group);
 #: Llama and GPT-2 (Mistral and Qwen2 run in test_prefill_calls and test_vanilla_sp); world 1 in --full.
-RUNS = full_or([(s, 2) for s in STRATEGIES] + [("tp", 4), ("ulysses", 4)],
+RUNS = full_or([(s, 2) for s in STRATEGIES] + [("ulysses", 4)],
                [(s, w) for s in STRATEGIES for w in WORLDS if w > 1 or s == "ulysses"])
 RUN_FAMILIES = full_or(("llama", "gpt2"), FAMILIES)
 
