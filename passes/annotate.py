@@ -22,7 +22,7 @@ import torch
 from sp_compiler.checkpoint import is_stand_in, open_checkpoint, stand_in_names
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
-from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_slices
+from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_tensor
 from sp_compiler.strategies import layer_path, tp_role
 
 aten = torch.ops.aten
@@ -94,11 +94,6 @@ def _piece(ctx, i, p):
                          f"accelerate.init_empty_weights() and sp_compiler.stand_ins(model) (or call "
                          f"sp_compiler.from_pretrained), or drop the checkpoint option")
     return shard_tensor(ctx.example_inputs[i], p, ctx.world, ctx.rank) if is_shard(p) else None
-
-
-def shard_tensor(t: torch.Tensor, p, world: int, rank: int) -> torch.Tensor:
-    """This rank's piece of a full tensor under S(d[, sf]), as a new contiguous tensor."""
-    return torch.cat([t.detach()[idx] for idx in shard_slices(t.shape, p, world, rank)], dim=p.dim).contiguous()
 
 
 def token_input(gm):

@@ -27,7 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import CheckpointError
-from .placements import fmt, is_shard, shard_slices
+from .placements import fmt, is_shard, shard_tensor
 
 __all__ = ["Checkpoint", "open_checkpoint", "stand_ins", "is_stand_in", "stand_in_names", "INDEX", "SINGLE"]
 
@@ -133,13 +133,9 @@ class Checkpoint:
             if tuple(whole.shape) != tuple(like.shape):
                 raise CheckpointError(f"{where} has shape {list(shape)}: widened it is {list(whole.shape)}, "
                                       f"the model wants {list(like.shape)}")
-            pieces = [whole[idx] for idx in shard_slices(whole.shape, placement, world, rank)]
-        elif is_shard(placement):
-            pieces = [sl[idx] for idx in shard_slices(shape, placement, world, rank)]
-        else:
-            pieces = [sl[:]]
-        d = placement.dim if is_shard(placement) else 0
-        return torch.cat(pieces, dim=d).to(dtype=like.dtype, device=like.device).contiguous()
+            return shard_tensor(whole, placement, world, rank).to(device=like.device)
+        piece = shard_tensor(sl, placement, world, rank) if is_shard(placement) else sl[:]
+        return piece.to(dtype=like.dtype, device=like.device).contiguous()
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -25,7 +25,7 @@ from torch.distributed.tensor.placement_types import Partial, Placement, Replica
 __all__ = [
     "Partial", "Placement", "Replicate", "Shard", "_StridedShard", "RankLocal",
     "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate", "is_rank_local",
-    "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint", "shard_slices",
+    "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint", "shard_slices", "shard_tensor",
 ]
 
 
@@ -165,6 +165,15 @@ def shard_slices(shape: Sequence[int], p, world: int, rank: int) -> List[tuple]:
     lo, hi = min(rank * n, block), min((rank + 1) * n, block)
     lead = (slice(None),) * d
     return [lead + (slice(b * block + lo, b * block + hi),) for b in range(sf)]
+
+
+def shard_tensor(t, p, world: int, rank: int):
+    """This rank's piece of a full tensor (or a safetensors slice) under S(d[, sf]), as a new contiguous tensor."""
+    import torch
+
+    shape = t.shape if isinstance(t, torch.Tensor) else t.get_shape()
+    t = t.detach() if isinstance(t, torch.Tensor) else t
+    return torch.cat([t[idx] for idx in shard_slices(shape, p, world, rank)], dim=p.dim).contiguous()
 
 
 def fmt(p) -> str:
