@@ -2,7 +2,8 @@
 
     capture (once per compile, ``capture_graph``)
       -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
-      -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention -> check_local_shapes
+      -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention -> one_in_flight
+      -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -24,6 +25,7 @@ from .insert import insert_collectives
 from .kv_attention import kv_attention
 from .localize import localize
 from .mask_blocks import mask_blocks
+from .one_in_flight import one_in_flight
 from .lower import check_local_shapes, lower
 from .prompt_length import prompt_length
 from .propagate import propagate
@@ -35,7 +37,7 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 log = logging.getLogger("seqpar")
 
 PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
-            grouped_kv, kv_attention, mask_blocks, rows_attention, check_local_shapes]
+            grouped_kv, kv_attention, mask_blocks, rows_attention, one_in_flight, check_local_shapes]
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:

@@ -58,6 +58,7 @@ class PassContext:
     local_fakes: Dict[int, torch.Tensor] = field(default_factory=dict)    # fakes of inputs passes made local
     kv: Dict[int, object] = field(default_factory=dict)                   # placeholder -> KV cache stand-in info
     extra_inputs: List[str] = field(default_factory=list)                 # inputs passes appended (by name)
+    one_in_flight: bool = False                   # gloo: wait each collective before the next (passes/one_in_flight)
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
