@@ -10,9 +10,9 @@ logits tensor and every token is compared with the uncompiled model on the same 
 fails on the first mismatch or crash. Rank 0 prints calls, seqpar compiles, the largest
 difference and the seconds per lowering.
 
-This is the run that once died with heap corruption (``malloc(): unaligned tcache chunk``, SIGSEGV)
-when ranks fed kernels empty shards or issued collectives of different sizes; README, Tests, says
-how often it has passed in a row.
+This is the kind of run that died with heap corruption (``malloc(): unaligned tcache chunk``,
+SIGSEGV) while seqpar's graphs kept several gloo all_gathers in flight
+(``docs/gloo_heap_corruption.md``); README, Tests, says how often it has passed in a row.
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ from .dump import GraphDumper, layer_summary, layout_of, layout_table
 from .errors import InputError
 from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
 from .placements import Layout, is_rank_local, is_replicate, is_shard
+from .pricing import best_of, price_strategies
 from .strategies import STRATEGIES, layer_path
 
 __all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "compiled_graphs",
@@ -533,12 +534,10 @@ def _output_seq_dims(gm, seq):
 
 def _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper) -> Options:
     """``strategy="auto"``: the planner prices every strategy on the graph captured for this compile
-    (``plan.price_strategies``, the function ``seqpar plan`` uses) and the fastest legal one wins.
+    (``pricing.price_strategies``, which ``seqpar plan`` uses too) and the fastest legal one wins.
     Every rank prices the same ranks' graphs, so all reach the same choice. The machine profile
     comes from $SEQPAR_MACHINE, else the CUDA device name, else this machine's cpu-gloo calibration.
     """
-    from .plan import best_of, price_strategies
-
     world, _, group = world_info()
     machine = machine_profile()
     layers = {layer_path(layer_of(n)) for n in captured.graph.nodes if layer_path(layer_of(n))}

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .agree import in_check
-from .errors import SeqparError
+from .errors import SeqparError, short_reason
 
 __all__ = [
     "BenchError", "BenchSpec", "DTYPES", "PREFILL_CALL", "REFERENCES", "EXTRAS", "CollectiveCounter", "collective_size",
@@ -700,7 +700,6 @@ def _mib(n) -> str:
 
 def _cell(row: dict) -> list:
     """One table row, in :func:`format_table`'s column order."""
-    from .cli import short_reason
 
     pred = "" if row["kind"] != "strategy" else (
         f"{row['predicted_ms']:,.1f}" if row.get("predicted_ms") is not None

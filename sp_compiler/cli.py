@@ -20,26 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from typing import List, Optional
 
 from tabulate import tabulate
 
-from .errors import SeqparError
+from .errors import SeqparError, short_reason
 
 __all__ = ["main", "build_parser", "format_plan", "short_reason"]
-
-
-_WHERE = re.compile(r"(?:at )?node '[^']*'(?: \([^)]*\))? in module '[^']*':? ?")
-
-
-def short_reason(reason: str, width: int = 80) -> str:
-    """'not available: <the engine's reason without node names and fix>', cut to ``width`` characters."""
-    text = _WHERE.sub("", reason.split(". Fix:")[0]).strip()
-    text = text if len(text) <= width else text[: width - 1] + "…"
-    return f"not available: {text}"
 
 
 def _mib(n: float) -> str:

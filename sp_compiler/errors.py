@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["SeqparError", "OptionsError", "InputError", "CheckpointError", "ShardingError", "UnsupportedOpError",
-           "ShapeConstraintError", "module_path"]
+__all__ = ["SeqparError", "OptionsError", "InputError", "CheckpointError", "PlanError", "ShardingError",
+           "UnsupportedOpError", "ShapeConstraintError", "module_path", "short_reason"]
 
 
 class SeqparError(RuntimeError):
@@ -22,6 +22,23 @@ class InputError(SeqparError, ValueError):
 class CheckpointError(SeqparError, ValueError):
     """A checkpoint that cannot give a weight (missing, another shape, a dtype seqpar does not cast);
     the message names the tensor and the file."""
+
+
+class PlanError(SeqparError):
+    """The planner cannot build or compile the model as asked; the message says what to change."""
+
+
+_WHERE = r"(?:at )?node '[^']*'(?: \([^)]*\))? in module '[^']*':? ?"
+
+
+def short_reason(reason: str, width: int = 80) -> str:
+    """'not available: <the engine's reason without node names and fix>', cut to ``width`` characters
+    (a table cell of ``seqpar plan`` and ``seqpar bench``)."""
+    import re
+
+    text = re.sub(_WHERE, "", reason.split(". Fix:")[0]).strip()
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return f"not available: {text}"
 
 
 def module_path(node) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -28,16 +27,13 @@ import torch
 import torch.distributed as dist
 
 from .cost_model import Prediction, get_profile, predict
-from .errors import SeqparError
+from .errors import PlanError
+from .pricing import best_of, price_strategies, ranks_to_price, strategy_names
 from .strategies import STRATEGIES
-from .testing import error_line, fake_process_group, seqpar_error
+from .testing import fake_process_group, seqpar_error
 
 __all__ = ["PlanError", "FakeModel", "build_fake_model", "as_rank", "transform", "plan", "choose", "price_strategies",
            "best_of", "dump", "dynamo_graph", "ranks_to_price", "find_crossover"]
-
-
-class PlanError(SeqparError):
-    """The planner cannot build or compile the model as asked; the message says what to change."""
 
 
 @dataclass
@@ -195,64 +191,6 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
     return gm, ctx
 
 
-def _strategies(names: Optional[Sequence[str]]) -> List[str]:
-    names = list(names) if names else list(STRATEGIES)
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        raise PlanError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    return names
-
-
-def ranks_to_price(strategy: str, world: int) -> tuple:
-    """Ranks whose graphs can differ in cost: rows attention (vanilla_sp) gives the last contiguous
-    chunk the most keys, so price rank 0 and rank N-1; every other strategy is symmetric."""
-    if world > 1 and STRATEGIES[strategy].attention == "rows":
-        return (0, world - 1)
-    return (0,)
-
-
-def price_strategies(captured, example_inputs, fqns, options, world: int, machine, *, num_layers: int,
-                     strategies: Optional[Sequence[str]] = None, group=None, real_len: bool = False,
-                     fusion: bool = True) -> List[Prediction]:
-    """One Prediction per strategy (its slowest rank among ``ranks_to_price``), in ``STRATEGIES`` order,
-    each from the seqpar pipeline run on a copy of one captured ATen graph; illegal strategies carry
-    ``error`` (the engine's reason). ``strategy="auto"`` and ``seqpar plan`` both choose from this."""
-    from passes import copy_graph, run_pipeline
-
-    from .context import PassContext
-
-    machine = get_profile(machine)
-    out = []
-    for name in _strategies(strategies):
-        trial = dataclasses.replace(options, strategy=name, dump_dir=None)
-        try:
-            preds = []
-            for rank in ranks_to_price(name, world):
-                ctx = PassContext(trial, world, rank, group, list(example_inputs), list(fqns), real_len=real_len)
-                local = run_pipeline(copy_graph(captured), ctx)
-                preds.append(predict(local, ctx, machine, num_layers, fusion))
-            out.append(max(preds, key=lambda p: p.total_s))
-        except SeqparError as e:
-            batch, seq_len = _prompt_shape(example_inputs, fqns)
-            out.append(Prediction(name, machine.name, world, batch, seq_len, num_layers, error=error_line(e)))
-    return out
-
-
-def _prompt_shape(example_inputs, fqns):
-    ids = next((x for x, f in zip(example_inputs, fqns) if f is None and isinstance(x, torch.Tensor)
-                and x.dim() == 2), None)
-    return tuple(ids.shape) if ids is not None else (0, 0)
-
-
-def best_of(preds: Sequence[Prediction], world: int) -> str:
-    """The fastest legal strategy; ties go to the earlier one in STRATEGIES."""
-    legal = [p for p in preds if p.ok]
-    if not legal:
-        reasons = "; ".join(f"{p.strategy}: {p.error}" for p in preds)
-        raise PlanError(f"no strategy can run this model on {world} ranks: {reasons}")
-    return min(legal, key=lambda p: p.total_s).strategy
-
-
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
          strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True,
          call: Optional[Mapping] = None, outputs: str = "replicate") -> List[Prediction]:
@@ -271,7 +209,7 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     from .config import Options
 
     machine = get_profile(machine)
-    names = _strategies(strategies)
+    names = strategy_names(strategies)
     _check_seq_len(config, seq_len, batch)
     fm = build_fake_model(config, layers=layers, dtype=machine.torch_dtype)
     with as_rank(world, 0):

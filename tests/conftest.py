@@ -1,5 +1,7 @@
-"""Pytest setup: make the repository root importable (normally ``pip install -e .`` does), and the
-``--full`` option: the gloo matrices in their full size (``seqpar_testing.FULL``)."""
+"""Pytest setup: make the repository root importable (normally ``pip install -e .`` does), the
+``--full`` option (the gloo matrices in their full size, ``seqpar_testing.FULL``), and pooled gloo
+ranks (``SEQPAR_RANK_POOL=1`` unless set: ``run_ranks`` keeps its N processes between calls;
+``SEQPAR_RANK_POOL=0`` starts fresh ones every call)."""
 
 import os
 import sys
@@ -24,13 +26,16 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    os.environ.setdefault("SEQPAR_RANK_POOL", "1")   # read by sp_compiler.testing.run_ranks
     if config.getoption("--full"):
         os.environ["SEQPAR_FULL"] = "1"      # read by seqpar_testing when the test modules import it
 
 
 def pytest_report_header(config):
-    return "seqpar: full gloo matrices" if os.environ.get("SEQPAR_FULL") == "1" else \
-        "seqpar: CI's gloo matrices (--full for all of them)"
+    size = "full gloo matrices" if os.environ.get("SEQPAR_FULL") == "1" else \
+        "CI's gloo matrices (--full for all of them)"
+    ranks = "pooled ranks" if os.environ.get("SEQPAR_RANK_POOL") == "1" else "fresh ranks per call"
+    return f"seqpar: {size}, {ranks}"
 
 
 @pytest.fixture

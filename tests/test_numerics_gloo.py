@@ -90,7 +90,7 @@ def _cases_for(strategy, world):
 
 
 def group_results(strategy: str, world: int, lower: str = "aot_eager", cases=None):
-    """Per-rank {key: (logits, kinds)} of one run_ranks call; failures are cached too, so a
+    """Per-rank {key: (logits, kinds, in flight)} of one run_ranks call; failures are cached too, so a
     broken group costs one run, not one per test."""
     cases = cases if cases is not None else _cases_for(strategy, world)
     gkey = (strategy, world, lower, tuple(c[0] for c in cases))
@@ -113,7 +113,7 @@ def reference(family: str, masked: bool = False, model_kw=None, batch: int = BAT
 def check_every_rank(results, key, ref):
     assert len(results) >= 1
     for rank, per_rank in enumerate(results):
-        got, _ = per_rank[key]
+        got = per_rank[key][0]
         assert got.shape == ref.shape and got.dtype == torch.float32, (rank, got.shape, got.dtype)
         torch.testing.assert_close(got, ref, **TOL, msg=lambda m, r=rank: f"rank {r} of {len(results)}: {m}")
 
