@@ -26,9 +26,8 @@ from collections import Counter
 import pytest
 import torch
 
-from models import FAMILIES, build_model, make_inputs
+from models import FAMILIES, build_config, build_model, make_inputs
 from seqpar_testing import compile_logits, full_or, layer_names, model_dims
-from sp_compiler.testing import fake_process_group
 
 __all__ = []
 
@@ -46,24 +45,28 @@ SHAPES = {
 }
 
 _cache: dict = {}
+_models: dict = {}
 
 
 def compile_report(family, strategy, world, rank=0, **shape):
-    """``last_report()`` after compiling (and running once) on a fake group; memoised."""
+    """``last_report()`` of ``strategy``'s graph for rank ``rank`` of a fake group of ``world``; memoised.
+
+    Through ``plan.transform``: Dynamo traces each (family, shape) once, on a weightless model of the
+    same config, and the seqpar backend runs on that graph for every strategy, world and rank (the
+    graph Dynamo hands a backend does not depend on them; ``test_plan`` checks both paths give the
+    same graph, and the last two tests here take ``torch.compile`` end to end)."""
+    from sp_compiler.backend import last_report
+    from sp_compiler.plan import build_fake_model, transform
+
     key = (family, strategy, world, rank, tuple(sorted(shape.items())))
     if key not in _cache:
-        torch._dynamo.reset()
-        try:
-            with fake_process_group(world, rank):
-                from sp_compiler.backend import last_report
-
-                model = build_model(family, layers=LAYERS, vocab=VOCAB, **shape)
-                logits = compile_logits(model, make_inputs(family, BATCH, SEQ, vocab=VOCAB),
-                                        {"strategy": strategy, "lower": "eager"})
-                assert tuple(logits.shape) == (BATCH, SEQ, VOCAB)
-                _cache[key] = last_report()
-        finally:
-            torch._dynamo.reset()
+        mkey = (family, tuple(sorted(shape.items())))
+        if mkey not in _models:
+            config = build_config(family, layers=LAYERS, vocab=VOCAB, **shape)
+            _models[mkey] = build_fake_model(config, layers=LAYERS)
+        fm = _models[mkey]
+        transform(fm.config, strategy=strategy, world=world, rank=rank, batch=BATCH, seq_len=SEQ, model=fm)
+        _cache[key] = last_report()
     return _cache[key]
 
 
