@@ -24,6 +24,7 @@ from sp_compiler.testing import run_ranks, seqpar_error
 __all__ = []
 
 MODEL = dict(layers=2, heads=4, kv_heads=2, hidden=64)
+SAMPLING_SEED = 7
 STRATEGIES = full_or(("tp", "ulysses"), ("tp", "ulysses", "megatron_sp_tp", "vanilla_sp_zigzag"))
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -172,7 +173,10 @@ def _rank_body(path, sharded):
     torch._dynamo.reset()
     model = from_pretrained(sharded, strategy="tp", lower="aot_eager")
     with torch.no_grad():
-        out["tp-sharded"] = (model(make_inputs("llama", 2, 13)).logits, None)
+        logits = model(make_inputs("llama", 2, 13)).logits
+        torch.manual_seed(SAMPLING_SEED)                               # the same seed on every rank
+        sampled = model.generate(make_inputs("llama", 1, 11), max_new_tokens=4, do_sample=True, top_k=20)
+    out["tp-sharded"] = (logits, sampled)
     return out
 
 
@@ -188,8 +192,35 @@ def test_from_pretrained_matches_one_device(tmp_path_factory):
     with torch.no_grad():
         want_logits = ref(make_inputs("llama", 2, 13)).logits
         want_tokens = ref.generate(make_inputs("llama", 1, 11), max_new_tokens=4, do_sample=False)
+        torch.manual_seed(SAMPLING_SEED)
+        want_sampled = ref.generate(make_inputs("llama", 1, 11), max_new_tokens=4, do_sample=True, top_k=20)
     for rank, res in enumerate(results):
         for name, (logits, tokens) in res.items():
             torch.testing.assert_close(logits, want_logits, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
-            if tokens is not None:
-                assert torch.equal(tokens, want_tokens), (rank, name, tokens, want_tokens)
+            want = want_sampled if name == "tp-sharded" else want_tokens      # sampling, or greedy
+            assert torch.equal(tokens, want), (rank, name, tokens, want)
+
+
+def _one_rank_broken(good, broken):
+    """Rank 0 reads ``good``; rank 1 reads a copy that lacks a tensor. Every rank returns its error's type."""
+    import torch.distributed as dist
+
+    path = good if dist.get_rank() == 0 else broken
+    try:
+        model = from_pretrained(path, strategy="tp", lower="eager")
+        with torch.no_grad():
+            model(make_inputs("llama", 1, 9))
+    except Exception as e:  # noqa: BLE001 - the test reads what each rank raised
+        err = seqpar_error(e)
+        return type(err if err is not None else e).__name__
+    return "no error"
+
+
+def test_a_rank_with_a_bad_checkpoint_stops_every_rank(tmp_path):
+    """Ranks given different checkpoints (rank 1's lacks a tensor): rank 1 names the tensor
+    (CheckpointError), rank 0 raises RankMismatchError at the call's rank check instead of waiting in
+    a collective; neither hangs (run_ranks times out after 120 s)."""
+    _save(tmp_path / "good")
+    broken = _broken(tmp_path / "b", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    got = run_ranks(_one_rank_broken, 2, str(tmp_path / "good"), str(broken), timeout=120)
+    assert got == ["RankMismatchError", "CheckpointError"], got
