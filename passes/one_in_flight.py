@@ -11,15 +11,16 @@
              w2 = wait_tensor(c2)
              ...
 
-Gloo in torch 2.13 corrupts the heap when several ``all_gather_into_tensor`` calls are in flight on
-one process group: ``ProcessGroupGloo`` runs queued collectives on two worker threads at once, and
-the ranks die with SIGSEGV or ``malloc(): unaligned tcache chunk detected`` in gloo's own
-allocations, at a random later collective. ``examples/gloo_overlap_crash.py`` reproduces it
+Gloo in torch 2.13 corrupts the heap when several functional ``all_gather_into_tensor`` calls
+(``ProcessGroupGloo::allgather_into_tensor_coalesced``) are in flight on one process group, which
+runs queued collectives on two worker threads: the ranks die with SIGSEGV or ``malloc(): unaligned
+tcache chunk detected`` at a random later collective. ``examples/gloo_overlap_crash.py`` reproduces it
 without seqpar (``docs/gloo_heap_corruption.md``: the measurements). With one collective in
 flight it never happened. So on gloo each ``wait_tensor`` moves up to right after its collective;
 what the collective feeds still runs where it did. The cost is the overlap of gloo's transfers
 with compute, which only CPU runs had. NCCL graphs (and fake groups, which communicate nothing)
-keep their overlap: the pass does nothing unless ``ctx.one_in_flight``.
+keep their overlap: the pass does nothing unless ``ctx.one_in_flight`` (the default group's backend
+is exactly ``"gloo"``; a mixed ``"cpu:gloo,cuda:nccl"`` group is not recognised).
 """
 from __future__ import annotations
 
