@@ -1,6 +1,7 @@
 """Typed errors. Each names what failed, where (node and module path) and what to change."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 __all__ = ["SeqparError", "OptionsError", "InputError", "CheckpointError", "PlanError", "ShardingError",
@@ -34,8 +35,6 @@ _WHERE = r"(?:at )?node '[^']*'(?: \([^)]*\))? in module '[^']*':? ?"
 def short_reason(reason: str, width: int = 80) -> str:
     """'not available: <the engine's reason without node names and fix>', cut to ``width`` characters
     (a table cell of ``seqpar plan`` and ``seqpar bench``)."""
-    import re
-
     text = re.sub(_WHERE, "", reason.split(". Fix:")[0]).strip()
     text = text if len(text) <= width else text[: width - 1] + "…"
     return f"not available: {text}"
@@ -52,7 +51,6 @@ def module_path(node) -> str:
 
 def _clean_fqn(path: str) -> str:
     # Dynamo writes L['self'].model.layers[0].self_attn or L['args'][0]._modules['model']...
-    import re
     path = re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]|_modules\['([^']+)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

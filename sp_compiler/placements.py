@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = [
@@ -169,8 +170,6 @@ def shard_slices(shape: Sequence[int], p, world: int, rank: int) -> List[tuple]:
 
 def shard_tensor(t, p, world: int, rank: int):
     """This rank's piece of a full tensor (or a safetensors slice) under S(d[, sf]), as a new contiguous tensor."""
-    import torch
-
     shape = t.shape if isinstance(t, torch.Tensor) else t.get_shape()
     t = t.detach() if isinstance(t, torch.Tensor) else t
     return torch.cat([t[idx] for idx in shard_slices(shape, p, world, rank)], dim=p.dim).contiguous()
