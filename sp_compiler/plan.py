@@ -105,6 +105,14 @@ def _check_seq_len(config, seq_len: int, batch: int):
                         f"use seq_len <= {limit}")
 
 
+def _trace_key(value):
+    """A call argument as the trace sees it: a tensor by shape and dtype (Dynamo's static graph does
+    not read its values), anything else by value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    return value
+
+
 def dynamo_graph(fm: FakeModel, batch: int, seq_len: int, call: Optional[Mapping] = None):
     """(Dynamo FX graph, example inputs) of one forward on ``[batch, seq_len]`` input_ids, traced once
     per shape and call and kept on ``fm``: the graph does not depend on the strategy or the world size.
@@ -113,7 +121,7 @@ def dynamo_graph(fm: FakeModel, batch: int, seq_len: int, call: Optional[Mapping
     ``{"logits_to_keep": 1, "use_cache": True}`` for a generation's prefill.
     """
     kwargs = {"use_cache": False, **dict(call or {})}
-    key = (batch, seq_len, tuple(sorted(kwargs.items())))
+    key = (batch, seq_len, tuple(sorted((k, _trace_key(v)) for k, v in kwargs.items())))
     if key not in fm.traces:
         captured = {}
 
@@ -141,21 +149,20 @@ def dynamo_graph(fm: FakeModel, batch: int, seq_len: int, call: Optional[Mapping
     return gm, inputs
 
 
-def _compile_seqpar(fm: FakeModel, strategy: str, batch: int, seq_len: int) -> None:
-    """The product path: torch.compile(backend="seqpar", lower="eager") and one forward."""
+def _compile_seqpar(fm: FakeModel, options: Mapping, batch: int, seq_len: int, call: Mapping) -> None:
+    """The product path: torch.compile(backend="seqpar") and one forward."""
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(fm.model, backend="seqpar", fullgraph=True, dynamic=False,
-                                 options={"strategy": strategy, "lower": "eager"})
+        compiled = torch.compile(fm.model, backend="seqpar", fullgraph=True, dynamic=False, options=dict(options))
         with torch.no_grad(), fm.mode:
-            compiled(torch.zeros(batch, seq_len, dtype=torch.long), use_cache=False)
+            compiled(torch.zeros(batch, seq_len, dtype=torch.long), **{"use_cache": False, **call})
     finally:
         torch._dynamo.reset()
 
 
 def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 1, seq_len: int,
               layers: int = 2, dtype: torch.dtype = torch.float32, model: Optional[FakeModel] = None,
-              compile: bool = False):
+              compile: bool = False, call: Optional[Mapping] = None, options: Optional[Mapping] = None):
     """(gm, ctx): the transformed local ATen graph of rank ``rank`` and its PassContext.
 
     The model has ``layers`` decoder layers (scale per-layer numbers by ``config.num_hidden_layers``);
@@ -163,6 +170,9 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
     By default Dynamo traces the model once per (batch, seq_len) and the seqpar backend is called
     on that graph for each strategy (the graph Dynamo hands a backend does not depend on it);
     ``compile=True`` runs ``torch.compile(backend="seqpar")`` end to end instead.
+    ``call``: the forward's keyword arguments (as :func:`dynamo_graph`; tensors such as an attention
+    mask count by shape); ``options``: seqpar options beside ``strategy`` (``lower`` is ``"eager"``
+    unless given).
     Raises the engine's SeqparError when the strategy cannot run this model on ``world`` ranks.
     """
     from . import backend
@@ -171,14 +181,15 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     _check_seq_len(config, seq_len, batch)
     fm = model or build_fake_model(config, layers=layers, dtype=dtype)
+    opts = {"lower": "eager", **dict(options or {}), "strategy": strategy}
     try:
         with as_rank(world, rank):
             if compile:
-                _compile_seqpar(fm, strategy, batch, seq_len)
+                _compile_seqpar(fm, opts, batch, seq_len, dict(call or {}))
             else:
-                dgm, inputs = dynamo_graph(fm, batch, seq_len)
+                dgm, inputs = dynamo_graph(fm, batch, seq_len, call)
                 with torch.no_grad():
-                    backend.seqpar_backend(dgm, inputs, options={"strategy": strategy, "lower": "eager"})
+                    backend.seqpar_backend(dgm, inputs, options=opts)
             gm, ctx = backend.last_graph()
     except Exception as e:
         cause = seqpar_error(e)

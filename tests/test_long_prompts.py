@@ -16,9 +16,8 @@ import importlib
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from models import build_model, make_inputs, packed_position_ids
+from models import build_config, build_model, make_inputs, packed_position_ids
 from seqpar_testing import full_or
 from sp_compiler import sdpa
 from sp_compiler.strategies import STRATEGIES
@@ -63,19 +62,23 @@ def _largest(gm):
     return max(sizes)
 
 
+_fake_llama: list = []
+
+
 @pytest.mark.parametrize("case", ["causal", "padded", "packed"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_no_rank_builds_s_by_s(strategy, case, fake_pg):
-    from sp_compiler.backend import last_graph
+def test_no_rank_builds_s_by_s(strategy, case):
+    """Rank 0 of 2, on fake tensors: Dynamo traces the weightless model once per input case
+    (``plan.transform``) and each strategy transforms that graph, as the backend does."""
+    from sp_compiler.plan import build_fake_model, transform
 
     world = 2
-    fake_pg(world)
-    model = build_model("llama", heads=HEADS, kv_heads=KV_HEADS, max_position_embeddings=LONG)
-    fast = torch.compile(model, backend="seqpar", options={"strategy": strategy, "lower": "eager"})
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        fast(torch.zeros(1, LONG, dtype=torch.long), use_cache=False, logits_to_keep=1,
-             **_case_kwargs(case, 1, LONG))
-    gm, _ = last_graph()
+    if not _fake_llama:
+        _fake_llama.append(build_fake_model(build_config("llama", heads=HEADS, kv_heads=KV_HEADS,
+                                                         max_position_embeddings=LONG)))
+    fm = _fake_llama[0]
+    gm, _ = transform(fm.config, strategy=strategy, world=world, seq_len=LONG, model=fm,
+                      call=dict(logits_to_keep=1, **_case_kwargs(case, 1, LONG)))
     numel, name, shape = _largest(gm)
     assert numel < LONG * LONG // world, f"{name} {shape}: {numel} elements"
     attention = [n for n in gm.graph.nodes if sdpa.is_attention(n)]

@@ -8,7 +8,7 @@ and imports are paid once per group; results are cached for the module and each
     strategies  tp, ulysses, megatron_sp, megatron_sp_tp
     worlds      2; 4 for ulysses (--full: 4 for every strategy, and 1 for ulysses)
                 (heads=8, kv_heads=4, hidden=128: every world divides)
-    families    llama, gpt2 (--full: mistral, qwen2 too)
+    families    llama, gpt2 (gpt2 at world 2 only; --full: at 4 too, and mistral, qwen2)
     lower       aot_eager; plus Inductor end to end for ulysses (--full: megatron_sp_tp too; llama, world 2)
     extras      attention_mask of ones (llama; --full: gpt2 too; world 2): HF then builds an input-dependent mask;
                 batch 1 (llama, world 2): B*S rows no longer tell batch and sequence apart;
@@ -80,7 +80,7 @@ _refs: dict = {}
 
 
 def _cases_for(strategy, world):
-    cases = [((family, False), family, SHAPE, False) for family in RUN_FAMILIES]
+    cases = [((family, False), family, SHAPE, False) for family in families_at(world)]
     if world == 2:
         cases += [((family, True), family, SHAPE, True) for family in MASKED_FAMILIES]
         cases += [(("llama-b1", False), "llama", SHAPE, False, 1)]
@@ -129,8 +129,15 @@ RUNS = full_or([(s, 2) for s in STRATEGIES] + [("ulysses", 4)],
 RUN_FAMILIES = full_or(("llama", "gpt2"), FAMILIES)
 
 
-@pytest.mark.parametrize("strategy,world", RUNS, ids=[f"{s}-w{w}" for s, w in RUNS])
-@pytest.mark.parametrize("family", RUN_FAMILIES)
+def families_at(world):
+    """CI's cut runs GPT-2 (multi-head, learned positions) at world 2 only: 4 ranks share CI's 2 cores."""
+    return RUN_FAMILIES if world != 4 else full_or(("llama",), RUN_FAMILIES)
+
+
+MATCH = [(f, s, w) for s, w in RUNS for f in families_at(w)]
+
+
+@pytest.mark.parametrize("family,strategy,world", MATCH, ids=[f"{f}-{s}-w{w}" for f, s, w in MATCH])
 def test_matches_single_process(family, strategy, world):
     results = group_results(strategy, world)
     assert len(results) == world
@@ -145,7 +152,7 @@ def test_the_runs_really_communicated(strategy, world):
     results = group_results(strategy, world)
     want = {} if world == 1 else EXPECTED_KINDS[strategy]
     for rank, per_rank in enumerate(results):
-        for family in RUN_FAMILIES:
+        for family in families_at(world):
             _, kinds, in_flight = per_rank[(family, False)]
             assert kinds == want, (rank, family, kinds)
             assert in_flight == (0 if world == 1 else 1), (rank, family, in_flight)

@@ -33,9 +33,9 @@ import pytest
 import torch
 from torch.fx.node import map_arg
 
-from models import FAMILIES, build_model, make_inputs, packed_position_ids
+from models import FAMILIES, build_config, build_model, make_inputs, packed_position_ids
 from seqpar_testing import cached_run, compile_logits, full_or, layer_names, model_dims
-from sp_compiler.testing import fake_process_group, run_ranks
+from sp_compiler.testing import run_ranks
 
 __all__ = []
 
@@ -107,31 +107,30 @@ def kv_gather_bytes(family, world, seq=S, batch=B, heads=SHAPE["heads"], kv_head
 # ----------------------------------------------------------------------------- tier 1 helpers
 
 _cache: dict = {}
+_fake_models: dict = {}
 
 
 def compile_fake(family, strategy, world, rank, case="causal", seq=S, layers=LAYERS, dump_dir=None,
                  **shape):
-    """Compile + run once on a fake group; (logits, report, gm, ctx). Memoised (no dump_dir)."""
+    """The seqpar backend on rank ``rank`` of a fake group: (report, gm, ctx). Dynamo traces each
+    weightless model once per input case (``plan.transform``); every strategy, world and rank
+    transforms that graph. Memoised (no dump_dir)."""
+    from sp_compiler.backend import last_report
+    from sp_compiler.plan import build_fake_model, transform
+
     shape = shape or SHAPE
     key = (family, strategy, world, rank, case, seq, layers, tuple(sorted(shape.items())))
     if dump_dir is None and key in _cache:
         return _cache[key]
-    from sp_compiler.backend import last_graph, last_report
-
-    torch._dynamo.reset()
-    try:
-        with fake_process_group(world, rank):
-            model = build_model(family, layers=layers, vocab=VOCAB, **shape)
-            ids = make_inputs(family, B, seq, vocab=VOCAB)
-            opts = {"strategy": strategy, "lower": "eager"}
-            if dump_dir is not None:
-                opts["dump_dir"] = str(dump_dir)
-            logits = compile_logits(model, ids, opts, **case_kwargs(case, B, seq))
-            gm, ctx = last_graph()
-            out = (logits, last_report(), gm, ctx)
-    finally:
-        torch._dynamo.reset()
-    assert tuple(out[0].shape) == (B, seq, VOCAB)
+    model_key = (family, layers, tuple(sorted(shape.items())))
+    if model_key not in _fake_models:
+        _fake_models[model_key] = build_fake_model(build_config(family, layers=layers, vocab=VOCAB, **shape),
+                                                   layers=layers)
+    fm = _fake_models[model_key]
+    options = {} if dump_dir is None else {"dump_dir": str(dump_dir)}
+    gm, ctx = transform(fm.config, strategy=strategy, world=world, rank=rank, batch=B, seq_len=seq, model=fm,
+                        call=case_kwargs(case, B, seq), options=options)
+    out = (last_report(), gm, ctx)
     assert ctx.world == world and ctx.rank == rank and ctx.seq_len == seq
     if dump_dir is None:
         _cache[key] = out
@@ -165,7 +164,7 @@ CASES_1 = [pytest.param(f, s, w, id=f"{f}-{s}-w{w}") for w in (2, 4) for s in VA
 
 @pytest.mark.parametrize("family,strategy,world", CASES_1)
 def test_one_kv_all_gather_per_layer(family, strategy, world):
-    _, report, gm, _ = compile_fake(family, strategy, world, rank=world - 1)
+    report, gm, _ = compile_fake(family, strategy, world, rank=world - 1)
     want_bytes, want_shape = kv_gather_bytes(family, world)
     for layer in layer_names(family, LAYERS):
         rows = [r for r in report if r["layer"] == layer]
@@ -176,7 +175,7 @@ def test_one_kv_all_gather_per_layer(family, strategy, world):
 
 @pytest.mark.parametrize("family,strategy,world", CASES_1)
 def test_logits_gathered_once_and_nothing_else(family, strategy, world):
-    _, report, gm, _ = compile_fake(family, strategy, world, rank=world - 1)
+    report, gm, _ = compile_fake(family, strategy, world, rank=world - 1)
     layers = set(layer_names(family, LAYERS))
     outside = [(r["layer"], r["kind"], r["bytes"]) for r in report if r["layer"] not in layers]
     assert outside == [("lm_head", "all_gather", B * S * VOCAB * FP32)], fmt_report(report)
@@ -198,7 +197,7 @@ def test_logits_gathered_once_and_nothing_else(family, strategy, world):
 @pytest.mark.parametrize("world", (2, 4))
 def test_llama_gqa_pays_for_kv_heads_not_query_heads(strategy, world):
     """llama H=8, Hkv=2: the K|V gather moves Hkv heads (before repeat_kv), 4x less than H."""
-    _, report, _, _ = compile_fake("llama", strategy, world, rank=0)
+    report, _, _ = compile_fake("llama", strategy, world, rank=0)
     gqa, _ = kv_gather_bytes("llama", world)
     mha, _ = kv_gather_bytes("llama", world, use_query_heads=True)
     assert mha == 4 * gqa
@@ -239,7 +238,7 @@ def test_zigzag_length_not_divisible_by_2n_is_balanced(world, seq):
 @pytest.mark.parametrize("strategy", VANILLA)
 def test_every_rank_builds_the_same_collectives(strategy):
     keep = ("layer", "kind", "dim", "shape", "dtype", "bytes")
-    rows = [[{k: r[k] for k in keep} for r in compile_fake("llama", strategy, 4, rank)[1]] for rank in range(4)]
+    rows = [[{k: r[k] for k in keep} for r in compile_fake("llama", strategy, 4, rank)[0]] for rank in range(4)]
     for rank in range(1, 4):
         assert rows[rank] == rows[0], f"rank {rank} differs from rank 0"
 
@@ -260,7 +259,7 @@ def test_no_global_mask_in_the_local_graph(family, strategy, world, case):
     # no feature dim of these models equals S, so a [.., S, S] tensor can only be a mask or scores
     E, D = SHAPE["hidden"], SHAPE["hidden"] // SHAPE["heads"]
     assert S not in {E, 2 * E, 3 * E, 4 * E, SHAPE["kv_heads"] * D, VOCAB}
-    _, _, gm, ctx = compile_fake(family, strategy, world, rank=1, case=case)
+    _, gm, ctx = compile_fake(family, strategy, world, rank=1, case=case)
     assert square_nodes(gm, S) == [], f"[.., S, S] tensors in the local graph: {square_nodes(gm, S)[:5]}"
     atts = attention_nodes(gm)
     assert atts, "no attention node in the transformed graph"
@@ -289,7 +288,7 @@ def test_causal_split_attends_to_the_right_keys(strategy, world):
 
     zigzag = strategy.endswith("zigzag")
     for rank in range(world):
-        _, _, gm, _ = compile_fake("llama", strategy, world, rank)
+        _, gm, _ = compile_fake("llama", strategy, world, rank)
         entries = 0
         for n in attention_nodes(gm):
             q, k, _, mask = attention_inputs(n)
@@ -317,7 +316,7 @@ def test_load_balance(world, tmp_path):
     for strategy in VANILLA:
         zigzag = strategy.endswith("zigzag")
         dump = tmp_path / strategy
-        _, _, _, ctx = compile_fake("llama", strategy, world, 0, seq=seq, layers=1, dump_dir=dump)
+        _, _, ctx = compile_fake("llama", strategy, world, 0, seq=seq, layers=1, dump_dir=dump)
         work = ctx.attention_work
         assert work["kind"] == "causal"
         want = [causal_entries(own_rows(seq, world, r, zigzag)) for r in range(world)]
@@ -371,7 +370,7 @@ def _evaluate(gm, start: dict, until):
 @pytest.mark.parametrize("world,rank", full_or([(2, 1), (4, 3)], [(2, 0), (2, 1), (4, 1), (4, 3)]))
 def test_ids_sliced_once_into_own_rows(strategy, world, rank):
     zigzag = strategy.endswith("zigzag")
-    _, _, gm, ctx = compile_fake("llama", strategy, world, rank)
+    _, gm, ctx = compile_fake("llama", strategy, world, rank)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ids_nodes = [p for p in phs for t in vals(p) if t.dtype == torch.long and tuple(t.shape) == (B, S)]
     assert len(ids_nodes) == 1, [(p.name, [tuple(t.shape) for t in vals(p)]) for p in phs]
@@ -400,7 +399,7 @@ def test_ids_sliced_once_into_own_rows(strategy, world, rank):
 @pytest.mark.parametrize("world,rank", [(2, 1), (4, 2)])
 def test_logits_come_from_one_all_gather_in_sequence_order(strategy, world, rank):
     zigzag = strategy.endswith("zigzag")
-    _, report, gm, _ = compile_fake("llama", strategy, world, rank)
+    report, gm, _ = compile_fake("llama", strategy, world, rank)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     logits = out_node.args[0][0] if isinstance(out_node.args[0], (tuple, list)) else out_node.args[0]
     assert tuple(vals(logits)[0].shape) == (B, S, VOCAB)
