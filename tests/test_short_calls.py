@@ -6,12 +6,14 @@ residual stream stays whole; from N (2N) tokens on, every rank holds at least on
 with HF's default call at every length from 1 to 2N+1 (one compiled model per strategy,
 ``buckets="exact"``: each length its own graph):
 
-    the logits and the KV cache equal one device's            every strategy on 2 ranks; on 4 ranks
-                                                              one of each family (heads, rows, TP+SP)
+    the logits and the KV cache equal one device's            every strategy on 2 ranks (CI: every one
+                                                              that splits the sequence); on 4 ranks
+                                                              zig-zag (--full: a heads, a rows and a
+                                                              TP+SP layout)
     no attention node of the rank's local graph has an        every graph compiled above, every rank
     empty input
     a generation from a 1-token prompt (``outputs="local"``:  a heads, a rows and a TP layout on 2
-    ranks start with no cached row)                           ranks; the two row-split ones on 4
+    ranks start with no cached row)                           ranks; zig-zag on 4 (--full: ulysses too)
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from sp_compiler.testing import run_ranks
 MODEL = dict(layers=1, heads=4, kv_heads=2, hidden=64)      # one layer: what a short call does is per layer
 TOL = dict(atol=1e-5, rtol=1e-5)
 #: world -> (strategies called at every length, strategies that also generate from 1 token)
-#: (CI's cut: 4 ranks for zig-zag, the layout that splits a short prompt most finely (2N chunks), and one
+#: (CI's cut: every strategy that splits the sequence on 2 ranks (tp never does: its 1-token call is the
+#: generation below); 4 ranks for zig-zag, the layout that splits a short prompt most finely (2N chunks), and one
 #: generation there; --full: ulysses and megatron_sp_tp at 4 ranks too)
-PLAN = {2: (tuple(STRATEGIES), ("ulysses", "vanilla_sp_zigzag", "tp")),
+PLAN = {2: (full_or(tuple(s for s in STRATEGIES if STRATEGIES[s].seq_sharded), tuple(STRATEGIES)),
+            ("ulysses", "vanilla_sp_zigzag", "tp")),
         4: (full_or(("vanilla_sp_zigzag",), ("ulysses", "vanilla_sp_zigzag", "megatron_sp_tp")),
             full_or(("vanilla_sp_zigzag",), ("ulysses", "vanilla_sp_zigzag")))}
 

@@ -34,7 +34,7 @@ import torch
 from torch.fx.node import map_arg
 
 from models import FAMILIES, build_config, build_model, make_inputs, packed_position_ids
-from seqpar_testing import cached_run, compile_logits, full_or, layer_names, model_dims
+from seqpar_testing import FULL, cached_run, compile_logits, full_or, layer_names, model_dims
 from sp_compiler.testing import run_ranks
 
 __all__ = []
@@ -450,11 +450,13 @@ def _model_for(name):
     return family, build_model(family, layers=LAYERS, vocab=VOCAB, **SHAPE, **extra)
 
 
-def _rank_body(strategy: str, lower: str, families, cases) -> dict:
-    """Rank body: {(family, case): logits} for every family x case; fresh model per compile."""
+def _rank_body(strategy: str, lower: str, families, cases, skip=()) -> dict:
+    """Rank body: {(family, case): logits} for every family x case but ``skip``; fresh model per compile."""
     out = {}
     for name in families:
         for case in cases if name not in VARIANTS else ("causal",):
+            if (name, case) in skip:
+                continue
             torch._dynamo.reset()
             family, model = _model_for(name)
             ids = make_inputs(family, B, S, vocab=VOCAB)
@@ -467,10 +469,10 @@ def _rank_body(strategy: str, lower: str, families, cases) -> dict:
 _refs: dict = {}
 
 
-def group(strategy, world, lower="aot_eager", families=FAMILIES + tuple(VARIANTS), cases=NUM_CASES):
-    key = (strategy, world, lower, tuple(families), tuple(cases))
+def group(strategy, world, lower="aot_eager", families=FAMILIES + tuple(VARIANTS), cases=NUM_CASES, skip=()):
+    key = (strategy, world, lower, tuple(families), tuple(cases), tuple(skip))
     return cached_run(("vanilla",) + key, run_ranks, _rank_body, world, strategy, lower, list(families),
-                      list(cases), timeout=900)
+                      list(cases), list(skip), timeout=900)
 
 
 def reference(family, case):
@@ -494,15 +496,18 @@ def check(results, family, case):
 
 
 #: world 4 runs 4 processes on CI's 2 cores: it keeps packed documents on Llama (--full: causal too, and
-#: GPT-2); padding, the other families (--full) and the sliding-window variant run at world 2.
+#: GPT-2); padding, the other families (--full) and the sliding-window variant run at world 2. CI's cut
+#: leaves out Llama's causal case at world 2: test_prefill_calls runs it under both layouts (HF's default call).
 WORLD_CASES = {2: NUM_CASES, 4: full_or(("packed",), ("causal", "packed"))}
 WORLD_FAMILIES = {2: full_or(("llama", "gpt2"), FAMILIES), 4: full_or(("llama",), ("llama", "gpt2"))}
-RUNS = [(w, f, c) for w in WORLD_CASES for f in WORLD_FAMILIES[w] for c in WORLD_CASES[w]]
+RUNS = [(w, f, c) for w in WORLD_CASES for f in WORLD_FAMILIES[w] for c in WORLD_CASES[w]
+        if FULL or (w, f, c) != (2, "llama", "causal")]
 
 
 def group_for(strategy, world):
     families = WORLD_FAMILIES[world] + (tuple(VARIANTS) if world == 2 else ())
-    return group(strategy, world, families=families, cases=WORLD_CASES[world])
+    return group(strategy, world, families=families, cases=WORLD_CASES[world],
+                 skip=() if FULL else (("llama", "causal"),))
 
 
 @pytest.mark.parametrize("world,family,case", RUNS, ids=[f"{f}-w{w}-{c}" for w, f, c in RUNS])
