@@ -3,6 +3,9 @@
     before:  y = op(x)          x: S(2), op wants S(1)
     after:   c = all_to_all_single(prep(x)) ... w = wait_tensor(c); y = op(post(w))
 
+A tensor written in place after it is made (``copy_`` into a view of it: HF's MLA fills its keys
+so) is converted after the last write, not where it is made.
+
 Wants on the same tensor with the same target share one conversion. The all-to-alls
 or all-gathers one attention node demands (q, k, v for Ulysses; K, V for vanilla SP) are
 packed into a single call.
@@ -19,6 +22,8 @@ from sp_compiler.context import PLACEMENT, layer_of
 from sp_compiler.placements import fmt
 
 __all__ = ["insert_collectives"]
+
+aten = torch.ops.aten
 
 _PACKABLE = {
     "all_to_all": all_to_all,                                                  # q | k | v (Ulysses)
@@ -42,8 +47,8 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 
     packed = {key for keys in packs.values() for key in keys}
     for (group, kind), keys in packs.items():
-        keys.sort(key=lambda k: order[k[0]])
-        after = keys[-1][0]
+        keys.sort(key=lambda k: order[_ready(k[0], order)])
+        after = _ready(keys[-1][0], order)
         for k in keys:
             for d in by_target[k]:
                 _sink_after(d.user, after, order)
@@ -58,11 +63,12 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             _rewire(by_target[(src, want)], src, out, want)
         _report(ctx, b, users)
 
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for (src, want), demands in by_target.items():
         if (src, want) in packed:
             continue
         users = [d.user for d in demands]
-        b = Builder(graph, after=src, before=min(users, key=order.get), ctx=ctx)
+        b = Builder(graph, after=_ready(src, order), before=min(users, key=order.get), ctx=ctx)
         val = src.meta["val"]
         out = redistribute(b, src, tuple(val.shape), src.meta[PLACEMENT], want, val.dtype)
         for row in b.rows:
@@ -72,6 +78,26 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     ctx.pending.clear()
     graph.lint()
     return gm
+
+
+_VIEWS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten.alias.default, aten.transpose.int,
+          aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.diagonal.default}
+
+
+def _ready(src, order):
+    """The node after which ``src`` holds its final value: itself, or the last in-place write
+    (``copy_``) into a view of it."""
+    last, todo = src, [src]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            if u.target == aten.copy_.default and u.args[0] is n:
+                last = max(last, u, key=order.get)
+            elif u.target in _VIEWS and u.args[0] is n:
+                todo.append(u)
+    return last
 
 
 def _sink_after(user, after, order):

@@ -17,6 +17,13 @@ them, a Partial (``collectives.gather_rows``):
 Only ops whose output is sharded carry sizes to rewrite: tensors made from scratch
 (arange, full, masks) stay whole (Replicate) and are sliced where a sharded tensor
 meets them. Nodes added by ``insert`` are already local and are skipped.
+
+Inside a mixture-of-experts block run on each rank's own tokens (``rules.token_local_rule``) a
+token dim of global size sf*S*m becomes sf*L*m, and tensors the block makes at a token size are
+made at the local one:
+
+    view(w, [B*S, k, H])         w: TokenLocal(0, sf=B, m=k)  ->  reshape(w, [B*L, k, H])
+    arange(B*S*k)                TokenLocal(0, sf=B, m=k)     ->  arange(B*L*k)
 """
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ import torch
 
 from sp_compiler.context import INSERTED, PLACEMENT
 from sp_compiler.collectives import Builder, gather_rows
-from sp_compiler.placements import is_partial, is_shard
-from sp_compiler.rules import kept_rows
+from sp_compiler.errors import ShardingError
+from sp_compiler.placements import is_partial, is_shard, is_token_local
+from sp_compiler.rules import MADE, kept_rows
 
 aten = torch.ops.aten
 
@@ -45,11 +53,14 @@ def localize(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             continue
         if node.target == aten.view.default:
             node.target = aten.reshape.default
-        if node.target in _SIZE_ARG and is_shard(p):
+        sized = is_shard(p) or (is_token_local(p) and p.dim is not None)
+        if node.target in _SIZE_ARG and sized:
             size = list(node.args[1])
             if size[p.dim] != -1:
-                size[p.dim] = ctx.local_shape(size, p)[p.dim]
+                size[p.dim] = _local_size(ctx, size, p)
             node.args = (node.args[0], size, *node.args[2:])
+        elif node.target in MADE and sized:
+            _make_local(node, p, ctx)
         elif node.target == aten.split.Tensor:
             src_p = node.args[0].meta.get(PLACEMENT)
             dim = node.args[2] if len(node.args) > 2 else 0
@@ -58,6 +69,32 @@ def localize(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 node.args = (node.args[0], node.args[1] // N, *node.args[2:])
     gm.recompile()
     return gm
+
+
+def _local_size(ctx, shape, p) -> int:
+    """This rank's size of the sharded (or token) dim of a tensor of global ``shape``."""
+    return p.local_size(ctx.local_rows()) if is_token_local(p) else ctx.local_shape(shape, p)[p.dim]
+
+
+def _make_local(node, p, ctx):
+    """A tensor made from sizes inside a token-local block, at the rank's own token count."""
+    shape = tuple(node.meta["val"].shape)
+    n = _local_size(ctx, shape, p)
+    args = list(node.args)
+    if node.target == aten.arange.default:
+        args[0] = n
+    elif node.target in (aten.arange.start, aten.arange.start_step) and args[0] == 0 and \
+            (len(args) < 3 or args[2] == 1):
+        args[1] = n
+    elif node.target in (aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default):
+        args[0] = [n if d == p.dim else s for d, s in enumerate(args[0])]
+    elif node.target in (aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
+                         aten.new_full.default):
+        args[1] = [n if d == p.dim else s for d, s in enumerate(args[1])]
+    else:
+        raise ShardingError(node, f"cannot make this tensor at the rank's token count ({shape} -> dim {p.dim} "
+                            f"of {n})", hint="report this model; choose 'tp' meanwhile")
+    node.args = tuple(args)
 
 
 def _keep_local_rows(gm, node, ctx):

@@ -8,6 +8,10 @@ user, so the collective lands where the tensor is smallest and is shared by all 
     becomes all_to_all on k itself, on the model's Hkv heads (HuggingFace's repeat_kv runs after it).
 
 The wants left are recorded in ``ctx.pending`` for ``insert``.
+
+Inside a mixture-of-experts block entered on each rank's own tokens, ``rules.token_local_rule``
+replaces the table (the block runs on local tokens, no collective); a tensor the block makes at a
+token size is made at the local one instead of being sliced.
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import torch
 from torch.fx import Node
 
 from sp_compiler.context import PLACEMENT, Demand
-from sp_compiler.errors import module_path
+from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
-from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard
-from sp_compiler.rules import TRANSPARENT, map_through, rule_for, shape_of
+from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
+from sp_compiler.rules import MADE, TRANSPARENT, UNIFORM, map_through, rule_for, shape_of, token_blocks, token_local_rule
 
 __all__ = ["propagate", "placement_of"]
+
+aten = torch.ops.aten
 
 
 def placement_of(n):
@@ -28,6 +34,7 @@ def placement_of(n):
 
 
 def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    ctx.token_blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[PLACEMENT] = Replicate()
@@ -38,11 +45,15 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 continue
             entry = _layer_entry(node, ctx)
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
-            decision = rule_for(node)(node, ctx, P)
+            in_block = ctx.in_token_block(node)
+            if not in_block:
+                _no_token_leak(node)
+            decision = (token_local_rule if in_block else rule_for(node))(node, ctx, P)
             node.meta[PLACEMENT] = decision.out
             for src, want in {**entry, **decision.wants}.items():
                 _want(ctx, node, src, want, decision.group)
         elif node.op == "output":
+            _no_token_leak(node)
             ctx.outputs = []
             for out in torch.utils._pytree.tree_leaves(node.args[0]):
                 if isinstance(out, Node) and shape_of(out) is not None:
@@ -82,7 +93,23 @@ def _layer_entry(node, ctx) -> dict:
     return entry
 
 
+def _no_token_leak(node):
+    leaked = [x for x in node.all_input_nodes if is_token_local(placement_of(x))]
+    if leaked:
+        raise ShardingError(node, f"reads '{leaked[0].name}', data of a mixture-of-experts block's own tokens "
+                            f"that only has a meaning inside the block ('{module_path(leaked[0])}')",
+                            placements=[placement_of(x) for x in leaked],
+                            hint="report this model; choose 'tp' meanwhile")
+
+
 def _want(ctx, user: Node, src: Node, want, group):
+    if src.op == "call_function" and src.target in MADE and ctx.in_token_block(src) and ctx.in_token_block(user):
+        if len(src.users) > 1:                 # made once at the token count, read by several ops
+            raise ShardingError(user, f"'{src.name}' is made at the token count and read by {len(src.users)} ops",
+                                hint="report this model; choose 'tp' meanwhile")
+        src.meta[PLACEMENT] = want             # made at the local size (localize), not sliced
+        return
+    written = user.op == "call_function" and user.target == aten.copy_.default
     while placement_of(src) != want and _hoistable(src):
         inner = map_through(src, want, forward=False, world=ctx.world)
         if inner is None:
@@ -90,6 +117,10 @@ def _want(ctx, user: Node, src: Node, want, group):
         ctx.pending.pop((src, src.args[0]), None)                    # superseded
         src.meta[PLACEMENT] = want
         user, src, want = src, src.args[0], inner
+    if written and src.op == "call_function" and src.target in UNIFORM and is_shard(want) \
+            and not is_shard(placement_of(src)):
+        src.meta[PLACEMENT] = want             # an empty tensor written in place: made at the local shape
+        return
     ctx.pending.pop((user, src), None)
     if placement_of(src) != want:
         ctx.pending[(user, src)] = Demand(user, src, want, group)

@@ -59,6 +59,7 @@ class PassContext:
     kv: Dict[int, object] = field(default_factory=dict)                   # placeholder -> KV cache stand-in info
     extra_inputs: List[str] = field(default_factory=list)                 # inputs passes appended (by name)
     one_in_flight: bool = False                   # gloo: wait each collective before the next (passes/one_in_flight)
+    token_blocks: frozenset = frozenset()         # mixture-of-experts blocks (rules.token_blocks), set by propagate
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
@@ -95,6 +96,17 @@ class PassContext:
 
     def strategy_at(self, layer: Optional[str]) -> Strategy:
         return self._variant(STRATEGIES[self.options.plan.strategy_name(layer)])
+
+    def in_token_block(self, node) -> bool:
+        """Whether ``node`` belongs to a mixture-of-experts block (``rules.token_local_rule``)."""
+        if not self.token_blocks or node.op != "call_function":
+            return False
+        path = module_path(node)
+        return any(path == b or path.startswith(b + ".") for b in self.token_blocks)
+
+    def local_rows(self) -> int:
+        """How many rows of the sequence this rank holds."""
+        return self.layout(self.seq_len).local_size(self.rank)
 
     def rows_placement(self, node):
         """Placement of a [B*S, K] (or [B, S, K]) activation sharded on the sequence like the residual."""

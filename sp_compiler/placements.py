@@ -12,6 +12,11 @@ Every tensor node of the graph carries one placement over the (1-D) world of N r
     RankLocal()              every rank holds its own part, in no layout a collective knows: the rows
                              of a KV cache kept split between the ranks (``sp_compiler.kv``), which
                              only split-KV attention reads (``passes/kv_attention``)
+    TokenLocal(d, sf, m)     inside a token-local region (a mixture-of-experts block): every rank's
+                             own tokens, each repeated m times along dim d ([sf, tokens, m] flattened:
+                             the k routed copies of a token); d None: data about the rank's own
+                             tokens with no token dim (how many it sends to each expert). Never
+                             leaves the region (``sp_compiler.rules``, token-local regions)
 
 Placements of multi-output nodes are tuples; non-tensor nodes have ``None``.
 """
@@ -24,7 +29,7 @@ import torch
 from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
 
 __all__ = [
-    "Partial", "Placement", "Replicate", "Shard", "_StridedShard", "RankLocal",
+    "Partial", "Placement", "Replicate", "Shard", "_StridedShard", "RankLocal", "TokenLocal", "is_token_local",
     "shard_dim", "split_factor", "is_shard", "is_partial", "is_replicate", "is_rank_local",
     "make_shard", "with_dim", "local_shape", "fmt", "Layout", "size_hint", "shard_slices", "shard_tensor",
 ]
@@ -45,6 +50,22 @@ class RankLocal(Placement):
 
 def is_rank_local(p) -> bool:
     return isinstance(p, RankLocal)
+
+
+@dataclass(frozen=True)
+class TokenLocal(Placement):
+    """This rank's own tokens inside a token-local region (see the module docstring): dim ``dim`` is
+    [sf, L, m] flattened, L the rank's rows of the sequence; ``dim`` None: no token dim."""
+    dim: Optional[int] = None
+    sf: int = 1
+    m: int = 1
+
+    def local_size(self, local_rows: int) -> int:
+        return self.sf * local_rows * self.m
+
+
+def is_token_local(p) -> bool:
+    return isinstance(p, TokenLocal)
 
 
 def is_shard(p) -> bool:
@@ -191,4 +212,6 @@ def fmt(p) -> str:
         return "R"
     if isinstance(p, RankLocal):
         return "L"
+    if isinstance(p, TokenLocal):
+        return "T" if p.dim is None else f"T({p.dim},sf={p.sf},m={p.m})"
     return str(p)

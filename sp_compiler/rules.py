@@ -26,15 +26,15 @@ from torch.fx import Node
 from . import sdpa
 from .errors import ShardingError, UnsupportedOpError
 from .placements import (
-    Partial, RankLocal, Replicate, Shard, fmt, is_partial, is_rank_local, is_replicate, is_shard, make_shard,
-    shard_dim, size_hint, split_factor, with_dim,
+    Partial, RankLocal, Replicate, Shard, TokenLocal, fmt, is_partial, is_rank_local, is_replicate, is_shard,
+    is_token_local, make_shard, shard_dim, size_hint, split_factor, with_dim,
 )
 
 aten = torch.ops.aten
 
 __all__ = [
-    "Decision", "RULES", "TRANSPARENT", "ATTENTION_OPS", "rule_for", "map_through", "view_map",
-    "shape_of", "tensor_inputs", "attention_inputs", "kept_rows",
+    "Decision", "RULES", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for", "map_through", "view_map",
+    "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks", "token_local_rule",
 ]
 
 
@@ -481,6 +481,29 @@ def _split_rule(node, ctx, P):
     return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
 
 
+def _split_sizes_rule(node, ctx, P):
+    """split_with_sizes(x, sizes, dim): pieces of a dim that is not sharded keep x's placement (MLA's
+    [nope | rope] head dims); pieces of the sharded dim need the whole x."""
+    x = node.args[0]
+    p = P(x)
+    dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), len(shape_of(x)))
+    n_out = len(node.meta["val"])
+    if is_partial(p) or (is_shard(p) and p.dim == dim):
+        return Decision(tuple([Replicate()] * n_out), {x: Replicate()})
+    return Decision(tuple([p] * n_out))
+
+
+def _copy_rule(node, ctx, P):
+    """copy_(dst, src) writes src into dst, a view of a tensor made empty (HF's MLA fills the [nope | rope]
+    halves of its keys so): dst takes src's placement. The want travels up the view to the empty tensor,
+    which ``propagate`` then makes at the local shape (a slice of it would take the write, not it)."""
+    dst, src = node.args[0], node.args[1]
+    p = P(src)
+    if is_partial(p):
+        return Decision(P(dst), {src: P(dst)})
+    return Decision(p, {dst: p} if P(dst) != p else {})
+
+
 def _getitem_rule(node, ctx, P):
     src, i = node.args
     p = P(src)
@@ -572,6 +595,105 @@ def _attention_rule(node, ctx, P):
     return Decision(out, wants, group=node)
 
 
+# ----------------------------------------------------------------------------- token-local regions
+
+def token_blocks(module_paths) -> frozenset:
+    """Module paths of the mixture-of-experts blocks: every module with a child named ``experts``
+    (HF's Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3: ``model.layers.3.mlp``)."""
+    blocks = set()
+    for path in module_paths:
+        parts = path.split(".")
+        if "experts" in parts[1:]:
+            blocks.add(".".join(parts[: parts.index("experts", 1)]))
+    return frozenset(blocks)
+
+
+def _as_tokens(x, p, ctx) -> Optional[TokenLocal]:
+    """The rank's own tokens in ``x``: a TokenLocal, or a shard of the sequence (the same local data:
+    S(d, sf) of [sf * S] is TokenLocal(d, sf, 1)); None for anything else."""
+    if is_token_local(p):
+        return p
+    if is_shard(p) and shape_of(x)[p.dim] == split_factor(p) * ctx.seq_len:
+        return TokenLocal(p.dim, split_factor(p), 1)
+    return None
+
+
+def _standard(t: TokenLocal):
+    """TokenLocal(d, sf, 1) is an ordinary shard of the sequence: written so, it may leave the region."""
+    return make_shard(t.dim, t.sf) if t.dim is not None and t.m == 1 else t
+
+
+def _view_tokens(src: tuple, dst: tuple, t: TokenLocal, seq_len: int) -> Optional[TokenLocal]:
+    """Where the token factor of ``src`` (dim t.dim read as [t.sf, S, t.m]) lands in the view ``dst``:
+    the dim whose outer size divides what stands before the tokens and which holds all S of them.
+    Unlike ``view_map`` no N-aligned chunks are needed: each rank views its own tokens."""
+    before = math.prod(src[: t.dim]) * t.sf                      # elements groups before the token factor
+    after = t.m * math.prod(src[t.dim + 1:])                     # ... and within one token
+    outer = 1
+    for e, E in enumerate(_infer(dst, math.prod(src))):
+        if before % outer == 0 and E % (before // outer * seq_len) == 0:
+            m = E // (before // outer * seq_len)
+            return TokenLocal(e, before // outer, m) if after % m == 0 else None
+        outer *= E
+        if outer > before:
+            break
+    return None
+
+
+def token_local_rule(node, ctx, P):
+    """Ops inside a token-local region: a mixture-of-experts block entered on each rank's own tokens.
+
+    A block whose output for a token depends on that token alone (router, top-k, the sort of the
+    routed copies by expert, the per-expert histogram, grouped matmuls, the way back) is computed by
+    every rank on its own tokens, whole expert weights, no collective:
+
+        x: S(1) [B, S, H] -> view [B*S, H] -> router, topk -> sort, index, histc, grouped_mm, ...
+                          -> view [B, S, H]: S(1)              every rank: its L rows, never S
+
+    Inside, a tensor of the rank's tokens is TokenLocal: its sizes are the local ones (``localize``),
+    its index values local positions. Views move the token dim by arithmetic, other ops keep it on
+    the output dim of the same size; tensors made inside the block at a token size (``arange`` of
+    the routed copies) are made at the local size. What no token reaches runs by the usual rules.
+    """
+    ins = tensor_inputs(node)
+    pl = {x: P(x) for x in ins}
+    tokens = {x: t for x in ins if (t := _as_tokens(x, pl[x], ctx)) is not None}
+    if not tokens:
+        return rule_for(node)(node, ctx, P)                      # weights, constants: the usual rules
+    other = [x for x in ins if x not in tokens and not is_replicate(pl[x])]
+    if other:
+        raise ShardingError(node, "a mixture-of-experts block computed on each rank's own tokens reads a tensor "
+                            "that is neither those tokens nor whole", placements=[pl[x] for x in ins],
+                            hint="choose 'tp' for this model, or report it")
+    src = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if node.target in TRANSPARENT and src in tokens:
+        t = tokens[src]
+        if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+            out = _view_tokens(shape_of(src), shape_of(node), t, ctx.seq_len)
+        else:
+            dim = map_through(node, Shard(t.dim), True, ctx.world)
+            out = None if dim is None else TokenLocal(dim.dim, t.sf, t.m)
+        if out is None:
+            raise ShardingError(node, f"cannot follow the tokens (dim {t.dim} of {shape_of(src)}) through this op "
+                                f"(output {shape_of(node)})", placements=[pl[src]],
+                                hint="choose 'tp' for this model, or report it")
+        return Decision(_standard(out))
+    sizes = {shape_of(x)[t.dim]: t for x, t in tokens.items() if t.dim is not None}
+
+    def placed(shape):
+        d = next((d for d, n in enumerate(shape) if n in sizes), None)
+        return TokenLocal() if d is None else _standard(TokenLocal(d, sizes[shape[d]].sf, sizes[shape[d]].m))
+
+    # made in the block at a token size (arange of the routed copies): wanted at the local size, which
+    # ``propagate`` grants by making it there (local positions, as the rank's own index tensors hold)
+    wants = {x: placed(shape_of(x)) for x in ins
+             if x not in tokens and x.target in MADE and any(n in sizes for n in shape_of(x))}
+    vals = node.meta["val"]
+    if isinstance(vals, (tuple, list)):
+        return Decision(tuple(placed(v.shape) if isinstance(v, torch.Tensor) else None for v in vals), wants)
+    return Decision(placed(vals.shape), wants)
+
+
 # ----------------------------------------------------------------------------- the table
 
 # OpOverloads written out: an op renamed by a torch upgrade fails here, at import, instead of
@@ -602,9 +724,15 @@ _CREATION = (
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default, aten.zeros.default,
     aten.ones.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.new_ones.default,
     aten.new_zeros.default, aten.new_empty.default, aten.new_full.default, aten.full_like.default,
-    aten.zeros_like.default, aten.ones_like.default, aten.lift_fresh_copy.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.lift_fresh_copy.default,
 )
-_LIKE = (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default)
+_LIKE = (aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default)
+#: tensors made from sizes alone (not like another tensor): inside a token-local region, made at local sizes
+MADE = frozenset(_CREATION) - frozenset(_LIKE) - {aten.lift_fresh_copy.default}
+#: ... of which those whose every element is the same: their local piece is the same tensor made at the
+#: local shape, so one written in place (``copy_``) is made there instead of sliced
+UNIFORM = frozenset({aten.empty.memory_format, aten.new_empty.default, aten.zeros.default, aten.new_zeros.default,
+                     aten.ones.default, aten.new_ones.default, aten.full.default, aten.new_full.default})
 _REPLICATED_ONLY = (
     aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.diff.default, aten.tril.default,
     aten.triu.default,
@@ -629,6 +757,8 @@ RULES: Dict[object, Callable] = {
     aten.stack.default: _stack_rule,
     aten.repeat_interleave.self_int: _repeat_rule,
     aten.split.Tensor: _split_rule,
+    aten.split_with_sizes.default: _split_sizes_rule,
+    aten.copy_.default: _copy_rule,
     aten.select.int: _select_rule,
     operator.getitem: _getitem_rule,
 }

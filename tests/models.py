@@ -22,6 +22,7 @@ from torch import nn
 __all__ = [
     "FAMILIES",
     "MORE_FAMILIES",
+    "MOE_FAMILIES",
     "MAX_POSITIONS",
     "build_config",
     "build_model",
@@ -38,6 +39,22 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 MORE_FAMILIES = {"qwen3": "Qwen3Config", "gemma": "GemmaConfig", "phi3": "Phi3Config", "cohere": "CohereConfig",
                  "stablelm": "StableLmConfig", "phi": "PhiConfig", "olmo2": "Olmo2Config",
                  "starcoder2": "Starcoder2Config"}
+
+#: Mixture-of-experts families: config class and the arguments that make a tiny MoE of 4 experts, 2 per
+#: token (Qwen2-MoE adds a shared expert; DeepSeek-V3 has MLA attention and a dense first layer).
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=96, decoder_sparse_step=1,
+                                         mlp_only_layers=[])),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                             kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16)),
+}
 
 #: Maximum sequence length every tiny model supports.
 MAX_POSITIONS = 1024
@@ -103,11 +120,20 @@ def build_config(
     elif family in MORE_FAMILIES:
         cls = getattr(transformers, MORE_FAMILIES[family])
         kwargs.update(head_dim=hidden // heads, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family in MOE_FAMILIES:
+        name, moe = MOE_FAMILIES[family]
+        cls = getattr(transformers, name)
+        kwargs.update(moe, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        if family != "deepseek_v3":
+            kwargs["head_dim"] = hidden // heads
     else:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES + tuple(MORE_FAMILIES)}")
+        raise ValueError(f"unknown model family {family!r}; known: {_KNOWN}")
     kwargs.update(common)
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+_KNOWN = FAMILIES + tuple(MORE_FAMILIES) + tuple(MOE_FAMILIES)
 
 
 def build_model(family: str, *, seed: int = 0, **config_args: Any) -> nn.Module:
@@ -133,8 +159,8 @@ def make_inputs(family: str, batch: int, seq: int, seed: int = 1, *, vocab: int 
     ``family`` is checked and kept for symmetry with :func:`build_model`; all
     families share the token range ``[0, vocab)``.
     """
-    if family not in FAMILIES + tuple(MORE_FAMILIES):
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES + tuple(MORE_FAMILIES)}")
+    if family not in _KNOWN:
+        raise ValueError(f"unknown model family {family!r}; known: {_KNOWN}")
     if seq > MAX_POSITIONS:
         raise ValueError(f"seq={seq} exceeds the tiny models' {MAX_POSITIONS} positions")
     gen = torch.Generator().manual_seed(seed)

@@ -685,6 +685,21 @@ _x = X(P)
 case("split", "P", aten.split.Tensor, _x, 2, 2, out=(R,) * 3, wants={_x: R})
 case("split", "R", aten.split.Tensor, X(R), 4, 1, out=(R,) * 2, wants={})
 case("split", "unaligned-S2sf3", aten.split.Tensor, X(S(2, 3), B, SEQ, 3 * H), 7, 2)
+case("split_with_sizes", "other-dim-S1", aten.split_with_sizes.default, X(S(1)), [2, 4], 2, out=(S(1),) * 2,
+     wants={})
+_x = X(S(2))
+case("split_with_sizes", "sharded-dim-S2", aten.split_with_sizes.default, _x, [2, 4], -1, out=(R,) * 2,
+     wants={_x: R})
+_x = X(P)
+case("split_with_sizes", "P", aten.split_with_sizes.default, _x, [1, 5], 2, out=(R,) * 2, wants={_x: R})
+
+# --- copy_ (a view of an empty tensor filled in place: HF's MLA keys)
+_d = X(R)
+case("copy_", "R<-S1", aten.copy_.default, _d, X(S(1)), out=S(1), wants={_d: S(1)})
+case("copy_", "S1<-S1", aten.copy_.default, X(S(1)), X(S(1)), out=S(1), wants={})
+_s = X(P)
+case("copy_", "R<-P", aten.copy_.default, X(R), _s, out=R, wants={_s: R})
+
 _blocks = tuple(rn(B, SEQ, H) for _ in range(3))
 case("getitem", "S2-of-split", operator.getitem, T(_blocks, (S(2),) * 3), 1, out=S(2), wants={})
 case("getitem", "layer_norm-mean", operator.getitem, T((rn(B, SEQ, H), rn(B, SEQ, 1), rn(B, SEQ, 1)), (S(1),) * 3),
@@ -716,6 +731,7 @@ case("creation", "new_full-of-P", aten.new_full.default, X(P), [SEQ, 2], -1.0, o
 case("creation", "full_like-R", aten.full_like.default, X(R), 2.0, out=R)
 case("creation", "zeros_like-P", aten.zeros_like.default, X(P), out=R)
 case("creation", "ones_like-R", aten.ones_like.default, T(ints(5, B, SEQ)), out=R)
+case("creation", "empty_like-of-S1", aten.empty_like.default, X(S(1)), out=S(1), values=False)
 case("creation", "lift_fresh_copy-R", aten.lift_fresh_copy.default, T(torch.tensor([1.0, 2.0, 3.0])), out=R)
 for _name, _op, _extra in [("full_like", aten.full_like.default, (2.0,)), ("zeros_like", aten.zeros_like.default, ()),
                            ("ones_like", aten.ones_like.default, ())]:
