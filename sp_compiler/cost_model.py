@@ -4,6 +4,8 @@
                 factor: all_reduce 2(N-1)/N; all_gather, reduce_scatter, all_to_all (N-1)/N
                 bytes:  the NCCL-tests "size" of the call (what ``ctx.collectives`` rows hold)
     mm / bmm    flops = 2*M*K*N                                  (per batch for bmm)
+    grouped mm  flops = 2*M*K*N, each of the M rows through its expert's [K, N] (MoE experts:
+                transformers' grouped_mm_fallback, aten._grouped_mm)
     attention   flops = 4*B*H*Sq*Sk*D * causal fraction          (``sdpa.OPS``, arguments read by name)
     other ops   bytes = sum of input and output tensor bytes     (views, waits, getitem: 0)
     every node  t = max(flops / peak_flops, bytes / mem_bw)
@@ -182,10 +184,17 @@ def _causal_fraction(sq: int, sk: int, zigzag: bool) -> float:
     return 1.0 - sq / (2.0 * sk)
 
 
+_MATMUL = ("mm", "bmm", "addmm", "baddbmm")
+_GROUPED = ("grouped_mm_fallback", "_grouped_mm")
+
+
 def node_flops(node, zigzag: bool = False) -> float:
     """Floating-point operations of one call_function node (0 for non-matmul, non-attention ops)."""
     name = _op_name(node)
-    if name in ("mm", "bmm", "addmm", "baddbmm"):
+    if name in _GROUPED:                                   # x [M, K] through per-row experts -> [M, N]
+        x, out = node.args[0].meta["val"], node.meta["val"]
+        return 2.0 * out.shape[0] * x.shape[-1] * out.shape[-1]
+    if name in _MATMUL:
         a, b = [n.meta["val"] for n in node.args[-2:]] if name in ("addmm", "baddbmm") else \
             [n.meta["val"] for n in node.args[:2]]
         batch = a.shape[0] if a.dim() == 3 else 1
@@ -238,7 +247,7 @@ def node_kind(node) -> str:
     """'compute' (matmul, attention), 'gather' (embedding, index), 'comm' (collectives and waits),
     'view' (no data movement), or 'fusible' (pointwise, reductions, copies, cat, ...)."""
     name = _op_name(node)
-    if name in ("mm", "bmm", "addmm", "baddbmm") or sdpa.is_attention(node):
+    if name in _MATMUL + _GROUPED or sdpa.is_attention(node):
         return "compute"
     if name in _GATHER:
         return "gather"

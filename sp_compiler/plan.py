@@ -48,10 +48,13 @@ class FakeModel:
 
 
 def _truncated(config, layers: int):
-    """A copy of ``config`` with ``layers`` decoder layers (per-layer lists cut to match)."""
+    """A copy of ``config`` with ``layers`` decoder layers (per-layer lists cut to match; DeepSeek's dense
+    first layers cut so that the last layer, the one the planner repeats, is a mixture-of-experts one)."""
     cfg = copy.deepcopy(config)
     n = min(layers, config.num_hidden_layers)
     cfg.num_hidden_layers = n
+    if getattr(cfg, "first_k_dense_replace", 0) >= n > 1:
+        cfg.first_k_dense_replace = n - 1
     for key in ("layer_types", "sliding_window_pattern"):
         value = getattr(cfg, key, None)
         if isinstance(value, list) and len(value) > n:

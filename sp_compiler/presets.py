@@ -84,6 +84,43 @@ def gpt2():
                       bos_token_id=50256, eos_token_id=50256)
 
 
+def mixtral_8x7b():
+    """Mixtral-8x7B: 32 layers, hidden 4096, 32 heads / 8 KV heads, 8 experts of MLP 14336, 2 per token."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(attn_implementation="sdpa", hidden_size=4096, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                         num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, sliding_window=None,
+                         rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False)
+
+
+def qwen3_30b_a3b():
+    """Qwen3-30B-A3B: 48 layers, hidden 2048, 32 heads / 4 KV heads of 128, 128 experts of MLP 768, 8 per token."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(attn_implementation="sdpa", hidden_size=2048, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, vocab_size=151936,
+                          rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                          tie_word_embeddings=False)
+
+
+def deepseek_v3():
+    """DeepSeek-V3 (671B): 61 layers (3 dense), hidden 7168, 128 heads of MLA (latent 512, rope 64), 256
+    routed experts of MLP 2048 (8 per token, 8 groups, 4 kept) and one shared expert."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(attn_implementation="sdpa", hidden_size=7168, num_hidden_layers=61,
+                            num_attention_heads=128, num_key_value_heads=128, intermediate_size=18432,
+                            moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+                            num_experts_per_tok=8, first_k_dense_replace=3, n_group=8, topk_group=4,
+                            kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                            v_head_dim=128, vocab_size=129280, rope_theta=10000.0,
+                            max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
 PRESETS: Dict[str, Callable] = {
     "llama-3-8b": llama_3_8b,
     "llama-3-70b": llama_3_70b,
@@ -91,6 +128,9 @@ PRESETS: Dict[str, Callable] = {
     "qwen2-7b": qwen2_7b,
     "gpt2": gpt2,
     "bench-125m": bench_125m,
+    "mixtral-8x7b": mixtral_8x7b,
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "deepseek-v3": deepseek_v3,
 }
 
 

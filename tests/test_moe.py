@@ -5,7 +5,8 @@
                      grouped expert matmuls run on the rank's own tokens, whole expert weights)
     where tokens go  rank 1's transformed graph: the router, the routed copies and the grouped matmuls
                      hold that rank's tokens only (L rows, never S), and arange of the routed copies is
-                     made at the local count
+                     made at the local count; the cost model prices the grouped matmuls on those rows,
+                     and ``seqpar plan`` prices Qwen3-30B-A3B on 8 ranks
     numerics         2 gloo ranks, HF's default call (use_cache=True), 13 tokens (no world size divides
                      them) on a batch of 2, against the uncompiled model: Mixtral under every strategy;
                      Qwen3-MoE, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (MLA attention, a dense
@@ -92,6 +93,34 @@ def test_the_block_holds_the_ranks_own_tokens(strategy):
     assert not rows & {B * S, B * S * 2}, f"a tensor of the global token count in the block: {sorted(rows)}"
     aranges = [n for n in block if n.target == torch.ops.aten.arange.default]
     assert aranges and all(n.args[0] == B * L * 2 for n in aranges), [n.args for n in aranges]
+
+
+def test_the_cost_model_prices_the_experts_matmuls():
+    """Rank 0 of 2 holds 7 of the 13 rows: under ulysses its grouped expert matmuls see B*7*k routed
+    rows, under tp all B*13*k (every rank runs the whole block), each row through H -> 2I -> H."""
+    from sp_compiler.cost_model import node_flops
+
+    H, I, k = 64, 128, 2                                   # tests/models.py: hidden 64, intermediate 2*hidden
+    for strategy, rows in (("tp", S), ("ulysses", 7)):
+        gm, _, _ = _transform("mixtral", strategy)
+        grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+        assert len(grouped) == 2 * 2, grouped                   # gate_up and down, 2 layers
+        want = 2 * (2.0 * B * rows * k * H * 2 * I + 2.0 * B * rows * k * I * H)
+        assert sum(node_flops(n) for n in grouped) == want, strategy
+
+
+def test_plan_prices_qwen3_moe_on_8_ranks():
+    """``seqpar plan`` for Qwen3-30B-A3B (48 MoE layers, 128 experts, 8 per token) on 8 H100s: every strategy
+    runs, MoE layers move only the attention's collectives, and tp's compute per layer exceeds a sequence
+    layout's: every tp rank routes all the tokens through the experts, a sequence-split rank 1/8 of them."""
+    from sp_compiler.plan import _truncated, plan
+    from sp_compiler.presets import load_config
+
+    preds = {p.strategy: p for p in plan(load_config("qwen3-30b-a3b"), world=8, seq_len=4096)}
+    assert all(p.ok for p in preds.values()), {k: p.error for k, p in preds.items()}
+    assert preds["tp"].collectives == "1 all_reduce" and preds["ulysses"].collectives == "2 all_to_all"
+    assert preds["tp"].compute_s_per_layer > preds["ulysses"].compute_s_per_layer   # (both read every expert)
+    assert _truncated(load_config("deepseek-v3"), 2).first_k_dense_replace == 1   # the repeated layer is MoE
 
 
 # ----------------------------------------------------------------------------- gloo ranks
