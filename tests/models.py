@@ -9,6 +9,9 @@ Families:
 * ``mistral`` - ``MistralForCausalLM``, GQA (sliding window off unless overridden)
 * ``qwen2``   - ``Qwen2ForCausalLM``, GQA, q/k/v projections carry a bias
 * ``gpt2``    - ``GPT2LMHeadModel``, multi-head attention (``kv_heads`` ignored)
+
+``MORE_FAMILIES``: other dense HF families from their config classes; ``MOE_FAMILIES``: mixtures of
+experts (Mixtral, Qwen3-MoE, Qwen2-MoE with a shared expert, OLMoE, DeepSeek-V3 with MLA attention).
 """
 
 from __future__ import annotations
