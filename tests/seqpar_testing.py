@@ -9,7 +9,8 @@ import os
 
 import torch
 
-__all__ = ["FULL", "cached_run", "compile_logits", "full_or", "layer_names", "model_dims", "padded_mask"]
+__all__ = ["FULL", "cached_run", "compile_logits", "full_or", "layer_names", "model_dims", "padded_mask",
+           "world_cases"]
 
 #: ``pytest --full`` (or SEQPAR_FULL=1): every gloo matrix in full. Without it each gloo file runs
 #: CI's cut, chosen so the suite stays under 15 minutes on 2 cores: every strategy still runs, on
@@ -38,6 +39,14 @@ def cached_run(key, fn, *args, **kwargs):
     if status == "error":
         raise value
     return value
+
+
+def world_cases(cases: dict) -> dict:
+    """``{world: [case tuple]}`` -> parametrize arguments for ("world,case"): one test per case, ids
+    such as ``w2-llama-tp-default``."""
+    pairs = [(w, c) for w, cs in cases.items() for c in cs]
+    return dict(argnames="world,case", argvalues=pairs,
+                ids=[f"w{w}-" + "-".join(map(str, c)) for w, c in pairs])
 
 
 def compile_logits(model, input_ids, options: dict, **call_kwargs) -> torch.Tensor:

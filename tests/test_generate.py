@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import build_model, make_inputs
-from seqpar_testing import cached_run, full_or, padded_mask
+from seqpar_testing import cached_run, full_or, padded_mask, world_cases
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -84,8 +84,7 @@ def _reference(prompt, sample):
     return _generate(build_model(PROMPTS[prompt][0], **MODEL), prompt, sample)
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases],
-                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"w{v}")
+@pytest.mark.parametrize(**world_cases(CASES))
 def test_generate_matches_one_device(world, case):
     """Greedy and sampled tokens equal one device's; every rank's sampler saw bitwise the same scores;
     a whole generation (prefill + NEW - 1 decode steps) went through seqpar in at most 3 graphs."""

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from models import MOE_FAMILIES, build_config, build_model, make_inputs
-from seqpar_testing import cached_run, full_or, padded_mask
+from seqpar_testing import cached_run, full_or, padded_mask, world_cases
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -153,18 +153,17 @@ def _rank_body(world):
     for family, strategy, call in CASES[world]:
         torch._dynamo.reset()
         model = _model(family)
-        lower = "aot_eager" if (family, call) == ("mixtral", "default") else "eager"
-        out[(family, strategy, call)] = _call(torch.compile(model, backend="seqpar",
-                                                            options={"strategy": strategy, "lower": lower}),
-                                              family, call) if call != "generate" else None
-        if call == "generate":
-            model.compile(backend="seqpar", options={"strategy": strategy, "lower": lower, "outputs": "local"})
-            out[(family, strategy, call)] = _call(model, family, call)
+        opts = {"strategy": strategy, "lower": "aot_eager" if (family, call) == ("mixtral", "default") else "eager"}
+        if call == "generate":                                  # model.compile, as a server would
+            model.compile(backend="seqpar", options={**opts, "outputs": "local"})
+            fast = model
+        else:
+            fast = torch.compile(model, backend="seqpar", options=opts)
+        out[(family, strategy, call)] = _call(fast, family, call)
     return out
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases],
-                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"w{v}")
+@pytest.mark.parametrize(**world_cases(CASES))
 def test_moe_matches_one_device(world, case):
     family, strategy, call = case
     results = cached_run(("moe", world), run_ranks, _rank_body, world, world, timeout=1200)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models import MORE_FAMILIES, build_config, build_model, make_inputs
-from seqpar_testing import FULL, cached_run, full_or, padded_mask
+from seqpar_testing import FULL, cached_run, full_or, padded_mask, world_cases
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -90,8 +90,7 @@ def _rank_body(world):
     return out
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, cases in CASES.items() for c in cases],
-                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else f"w{v}")
+@pytest.mark.parametrize(**world_cases(CASES))
 def test_prefill_call_is_exact(world, case):
     family, strategy, call = case
     results = cached_run(("prefill", world), run_ranks, _rank_body, world, world, timeout=1200)
