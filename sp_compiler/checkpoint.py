@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -33,6 +34,8 @@ __all__ = ["Checkpoint", "open_checkpoint", "stand_ins", "is_stand_in", "stand_i
 
 INDEX = "model.safetensors.index.json"      # shards and their weight_map, as save_pretrained writes them
 SINGLE = "model.safetensors"
+#: a tensor of one expert in a per-expert checkpoint layout ('...experts.3.w1.weight')
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 #: stand-in -> every name the model gives it (tied weights have several)
 _NAMES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -110,9 +113,15 @@ class Checkpoint:
         between ranks, ``passes/share_kv_heads``), so it is read whole."""
         name = next((n for n in names if n in self.files), None)
         if name is None:
-            raise CheckpointError(f"tensor {names[0]!r} is not in checkpoint {self.path!r} "
-                                  f"({len(self.files)} tensors, e.g. {sorted(self.files)[:3]}). Fix: save the "
-                                  f"checkpoint from the same model class and config (model.save_pretrained)")
+            converted = any(_PER_EXPERT.search(n) for n in self.files)
+            raise CheckpointError(
+                f"tensor {names[0]!r} is not in checkpoint {self.path!r} ({len(self.files)} tensors, e.g. "
+                f"{sorted(self.files)[:3]}). " + (
+                    "Its experts are stored one tensor per expert, which transformers fuses when it loads "
+                    "(its checkpoint conversion); seqpar reads tensors by name and does not convert yet. Fix: "
+                    "load this model with AutoModelForCausalLM.from_pretrained and compile it"
+                    if converted else
+                    "Fix: save the checkpoint from the same model class and config (model.save_pretrained)"))
         key = (name, fmt(placement) if is_shard(placement) else "R", world, rank, like.dtype, like.device,
                widen is not None)
         if key not in self._pieces:

@@ -117,6 +117,21 @@ def test_a_bad_checkpoint_names_the_tensor_and_the_file(case, words, tmp_path, f
         assert w in str(err), (w, str(err))
 
 
+def test_a_checkpoint_transformers_converts_on_load_is_named(tmp_path, fake_pg):
+    """Mixtral's checkpoint as transformers writes it keeps one tensor per expert, which transformers
+    fuses into the model's [E, 2I, H] parameters when it loads; seqpar does not convert yet, and says so
+    (never a silent answer)."""
+    build_model("mixtral", layers=1).save_pretrained(tmp_path / "ck")
+    fake_pg(2, 0)
+    with pytest.raises(Exception) as info:
+        model = from_pretrained(str(tmp_path / "ck"), strategy="ulysses", lower="eager", check_ranks=False)
+        with torch.no_grad():
+            model(make_inputs("mixtral", 1, 9))
+    err = seqpar_error(info.value)
+    assert isinstance(err, CheckpointError), repr(info.value)
+    assert "one tensor per expert" in str(err) and "AutoModelForCausalLM.from_pretrained" in str(err), str(err)
+
+
 def test_real_weights_and_a_checkpoint_are_refused(tmp_path, fake_pg):
     model = _save(tmp_path / "ck")
     fake_pg(2, 0)

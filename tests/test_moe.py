@@ -12,8 +12,9 @@
                      Qwen3-MoE, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (MLA attention, a dense
                      first layer, group-limited routing) under one to three (``CI_STRATEGIES``; --full:
                      every family under every strategy, and 4 ranks); a left-padded batch and a greedy
-                     generation on Mixtral. The uneven and zig-zag token counts of 3 and 4 ranks are
-                     checked by brute force in tests/unit/test_token_local.py
+                     generation on Mixtral, a sampled one on Qwen3-MoE (every rank draws the same
+                     tokens). The uneven and zig-zag token counts of 3 and 4 ranks are checked by brute
+                     force in tests/unit/test_token_local.py
 """
 from __future__ import annotations
 
@@ -134,15 +135,21 @@ CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp
 CASES = {
     2: [("mixtral", s, "default") for s in ALL]
     + [(f, s, "default") for f in MOE_FAMILIES if f != "mixtral" for s in full_or(CI_STRATEGIES[f], ALL)]
-    + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate")],
+    + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
+       ("qwen3_moe", "vanilla_sp_zigzag", "sample")],
     4: full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default")]),
 }
 
 
+GENERATE = ("generate", "sample")                     # greedy; sampled (top-k 20, one seed on every rank)
+
+
 def _call(model, family, call):
     with torch.no_grad():
-        if call == "generate":
-            return model.generate(make_inputs(family, 1, S), max_new_tokens=4, do_sample=False)
+        if call in GENERATE:
+            torch.manual_seed(7)                                  # the same seed on every rank
+            return model.generate(make_inputs(family, 1, S), max_new_tokens=4, do_sample=call == "sample",
+                                  top_k=20)
         if call == "padded":
             return model(make_inputs(family, B, S), attention_mask=padded_mask(B, S), logits_to_keep=1).logits
         return model(make_inputs(family, B, S)).logits
@@ -154,7 +161,7 @@ def _rank_body(world):
         torch._dynamo.reset()
         model = _model(family)
         opts = {"strategy": strategy, "lower": "aot_eager" if (family, call) == ("mixtral", "default") else "eager"}
-        if call == "generate":                                  # model.compile, as a server would
+        if call in GENERATE:                                    # model.compile, as a server would
             model.compile(backend="seqpar", options={**opts, "outputs": "local"})
             fast = model
         else:
@@ -170,7 +177,7 @@ def test_moe_matches_one_device(world, case):
     want = _call(_model(family), family, call)
     for rank, res in enumerate(results):
         got = res[case]
-        if call == "generate":
+        if call in GENERATE:
             assert torch.equal(got, want), (rank, got, want)
         else:
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank}: {m}")
