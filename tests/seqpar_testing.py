@@ -9,8 +9,8 @@ import os
 
 import torch
 
-__all__ = ["FULL", "cached_run", "compile_logits", "full_or", "layer_names", "model_dims", "padded_mask",
-           "world_cases"]
+__all__ = ["FULL", "cached_run", "compile_logits", "fake_model", "full_or", "layer_names", "model_dims",
+           "padded_mask", "world_cases"]
 
 #: ``pytest --full`` (or SEQPAR_FULL=1): every gloo matrix in full. Without it each gloo file runs
 #: CI's cut, chosen so the suite stays under 15 minutes on 2 cores: every strategy still runs, on
@@ -39,6 +39,23 @@ def cached_run(key, fn, *args, **kwargs):
     if status == "error":
         raise value
     return value
+
+
+_fake_models: dict = {}
+
+
+def fake_model(family: str, **config_args):
+    """A weightless ``family`` model (``plan.build_fake_model`` of ``models.build_config(family,
+    **config_args)``), built once per arguments for the session. Dynamo's traces are kept on it, so
+    every strategy, world and rank that ``plan.transform`` runs on it shares one trace per input case."""
+    from models import build_config
+    from sp_compiler.plan import build_fake_model
+
+    key = (family, tuple(sorted(config_args.items())))
+    if key not in _fake_models:
+        config = build_config(family, **config_args)
+        _fake_models[key] = build_fake_model(config, layers=config.num_hidden_layers)
+    return _fake_models[key]
 
 
 def world_cases(cases: dict) -> dict:

@@ -26,8 +26,8 @@ from collections import Counter
 import pytest
 import torch
 
-from models import FAMILIES, build_config, build_model, make_inputs
-from seqpar_testing import compile_logits, full_or, layer_names, model_dims
+from models import FAMILIES, build_model, make_inputs
+from seqpar_testing import compile_logits, fake_model, full_or, layer_names, model_dims
 
 __all__ = []
 
@@ -45,7 +45,6 @@ SHAPES = {
 }
 
 _cache: dict = {}
-_models: dict = {}
 
 
 def compile_report(family, strategy, world, rank=0, **shape):
@@ -56,15 +55,11 @@ def compile_report(family, strategy, world, rank=0, **shape):
     graph Dynamo hands a backend does not depend on them; ``test_plan`` checks both paths give the
     same graph, and the last two tests here take ``torch.compile`` end to end)."""
     from sp_compiler.backend import last_report
-    from sp_compiler.plan import build_fake_model, transform
+    from sp_compiler.plan import transform
 
     key = (family, strategy, world, rank, tuple(sorted(shape.items())))
     if key not in _cache:
-        mkey = (family, tuple(sorted(shape.items())))
-        if mkey not in _models:
-            config = build_config(family, layers=LAYERS, vocab=VOCAB, **shape)
-            _models[mkey] = build_fake_model(config, layers=LAYERS)
-        fm = _models[mkey]
+        fm = fake_model(family, layers=LAYERS, vocab=VOCAB, **shape)
         transform(fm.config, strategy=strategy, world=world, rank=rank, batch=BATCH, seq_len=SEQ, model=fm)
         _cache[key] = last_report()
     return _cache[key]

@@ -17,8 +17,8 @@ import importlib
 import pytest
 import torch
 
-from models import build_config, build_model, make_inputs, packed_position_ids
-from seqpar_testing import full_or
+from models import build_model, make_inputs, packed_position_ids
+from seqpar_testing import fake_model, full_or
 from sp_compiler import sdpa
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
@@ -62,21 +62,15 @@ def _largest(gm):
     return max(sizes)
 
 
-_fake_llama: list = []
-
-
 @pytest.mark.parametrize("case", ["causal", "padded", "packed"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_no_rank_builds_s_by_s(strategy, case):
     """Rank 0 of 2, on fake tensors: Dynamo traces the weightless model once per input case
     (``plan.transform``) and each strategy transforms that graph, as the backend does."""
-    from sp_compiler.plan import build_fake_model, transform
+    from sp_compiler.plan import transform
 
     world = 2
-    if not _fake_llama:
-        _fake_llama.append(build_fake_model(build_config("llama", heads=HEADS, kv_heads=KV_HEADS,
-                                                         max_position_embeddings=LONG)))
-    fm = _fake_llama[0]
+    fm = fake_model("llama", heads=HEADS, kv_heads=KV_HEADS, max_position_embeddings=LONG)
     gm, _ = transform(fm.config, strategy=strategy, world=world, seq_len=LONG, model=fm,
                       call=dict(logits_to_keep=1, **_case_kwargs(case, 1, LONG)))
     numel, name, shape = _largest(gm)

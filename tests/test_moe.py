@@ -23,8 +23,8 @@ from collections import Counter
 import pytest
 import torch
 
-from models import MOE_FAMILIES, build_config, build_model, make_inputs
-from seqpar_testing import cached_run, full_or, padded_mask, world_cases
+from models import MOE_FAMILIES, build_model, make_inputs
+from seqpar_testing import cached_run, fake_model, full_or, padded_mask, world_cases
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -55,16 +55,13 @@ PER_MOE_LAYER = {
     "vanilla_sp": {"all_gather": 1},
     "vanilla_sp_zigzag": {"all_gather": 1},
 }
-_fake: dict = {}
 
 
 def _transform(family, strategy, rank=0, world=2):
     from sp_compiler.backend import last_report
-    from sp_compiler.plan import build_fake_model, transform
+    from sp_compiler.plan import transform
 
-    if family not in _fake:
-        _fake[family] = build_fake_model(build_config(family, layers=2), layers=2)
-    fm = _fake[family]
+    fm = fake_model(family, layers=2)
     gm, ctx = transform(fm.config, strategy=strategy, world=world, rank=rank, batch=B, seq_len=S, model=fm)
     return gm, ctx, last_report()
 

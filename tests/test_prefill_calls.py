@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import MORE_FAMILIES, build_config, build_model, make_inputs
-from seqpar_testing import FULL, cached_run, full_or, padded_mask, world_cases
+from models import MORE_FAMILIES, build_model, make_inputs
+from seqpar_testing import FULL, cached_run, fake_model, full_or, padded_mask, world_cases
 from sp_compiler.strategies import STRATEGIES
 from sp_compiler.testing import run_ranks
 
@@ -194,21 +194,16 @@ def _call_plain(model, S):
 
 # ----------------------------------------------------------------------------- one process
 
-_fake_llama: list = []
-
-
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded])
 def test_keep_one_row_moves_one_row(strategy):
     """logits_to_keep=1 on a sequence-sharded strategy: outside the decoder layers the only
     collective is one all_reduce of the kept row's hidden state, B x 1 x H, never S rows.
     (Rank 0 of 2 on fake tensors; one Dynamo trace, transformed by every strategy: ``plan.transform``.)"""
     from sp_compiler.backend import last_report
-    from sp_compiler.plan import build_fake_model, transform
+    from sp_compiler.plan import transform
 
     B, S, H = 3, 67, MODEL["hidden"]
-    if not _fake_llama:
-        _fake_llama.append(build_fake_model(build_config("llama", **MODEL), layers=LAYERS))
-    fm = _fake_llama[0]
+    fm = fake_model("llama", **MODEL)
     transform(fm.config, strategy=strategy, world=2, batch=B, seq_len=S, model=fm, call=dict(logits_to_keep=1))
     outside = [r for r in last_report() if not r["layer"].startswith("model.layers.")]
     assert [(r["kind"], r["bytes"]) for r in outside] == [("all_reduce", B * 1 * H * 4)], outside

@@ -33,8 +33,8 @@ import pytest
 import torch
 from torch.fx.node import map_arg
 
-from models import FAMILIES, build_config, build_model, make_inputs, packed_position_ids
-from seqpar_testing import FULL, cached_run, compile_logits, full_or, layer_names, model_dims
+from models import FAMILIES, build_model, make_inputs, packed_position_ids
+from seqpar_testing import FULL, cached_run, compile_logits, fake_model, full_or, layer_names, model_dims
 from sp_compiler.testing import run_ranks
 
 __all__ = []
@@ -107,7 +107,6 @@ def kv_gather_bytes(family, world, seq=S, batch=B, heads=SHAPE["heads"], kv_head
 # ----------------------------------------------------------------------------- tier 1 helpers
 
 _cache: dict = {}
-_fake_models: dict = {}
 
 
 def compile_fake(family, strategy, world, rank, case="causal", seq=S, layers=LAYERS, dump_dir=None,
@@ -116,17 +115,13 @@ def compile_fake(family, strategy, world, rank, case="causal", seq=S, layers=LAY
     weightless model once per input case (``plan.transform``); every strategy, world and rank
     transforms that graph. Memoised (no dump_dir)."""
     from sp_compiler.backend import last_report
-    from sp_compiler.plan import build_fake_model, transform
+    from sp_compiler.plan import transform
 
     shape = shape or SHAPE
     key = (family, strategy, world, rank, case, seq, layers, tuple(sorted(shape.items())))
     if dump_dir is None and key in _cache:
         return _cache[key]
-    model_key = (family, layers, tuple(sorted(shape.items())))
-    if model_key not in _fake_models:
-        _fake_models[model_key] = build_fake_model(build_config(family, layers=layers, vocab=VOCAB, **shape),
-                                                   layers=layers)
-    fm = _fake_models[model_key]
+    fm = fake_model(family, layers=layers, vocab=VOCAB, **shape)
     options = {} if dump_dir is None else {"dump_dir": str(dump_dir)}
     gm, ctx = transform(fm.config, strategy=strategy, world=world, rank=rank, batch=B, seq_len=seq, model=fm,
                         call=case_kwargs(case, B, seq), options=options)
