@@ -1,7 +1,7 @@
 """The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
 
     capture (once per compile, ``capture_graph``)
-      -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
+      -> expert_parallel -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
       -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention -> one_in_flight
       -> check_local_shapes
 
@@ -21,6 +21,7 @@ from .annotate import annotate
 from .capture import capture, copy_graph
 from .grouped_kv import grouped_kv
 from .causal_mask import causal_mask
+from .expert_parallel import expert_parallel
 from .insert import insert_collectives
 from .kv_attention import kv_attention
 from .localize import localize
@@ -36,7 +37,7 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 
 log = logging.getLogger("seqpar")
 
-PIPELINE = [prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
+PIPELINE = [expert_parallel, prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
             grouped_kv, kv_attention, mask_blocks, rows_attention, one_in_flight, check_local_shapes]
 
 

@@ -8,7 +8,9 @@
                                                      tensor-parallel, the TP plan's slice:
         colwise  Linear [out, in] -> S(0)   Conv1D [in, out] -> S(1)   bias -> S(0)
         rowwise  Linear [out, in] -> S(1)   Conv1D [in, out] -> S(0)   bias -> R
-        fused [q | k | v] projections use S(d, sf=3): every block is split on its own
+        experts  gate_up [E, 2I, H] -> S(1, sf=2)   down [E, H, I] -> S(2)
+        fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
+    expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
 
 Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and
 passed in place of the full ones on every call (``ctx.local_inputs``). Parameters that are
@@ -17,15 +19,21 @@ instead: the slice where the placement slices them, the whole tensor where it do
 """
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 
 from sp_compiler.checkpoint import is_stand_in, open_checkpoint, stand_in_names
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
 from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_tensor
-from sp_compiler.strategies import layer_path, tp_role
+from sp_compiler.strategies import layer_path, param_role
 
 aten = torch.ops.aten
+
+#: the fused experts' weights (HF's Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), split by expert under
+#: ``options["expert_parallel"]``
+EXPERTS = "*.mlp.experts.*_proj"
 
 __all__ = ["annotate", "shard_tensor", "token_input"]
 
@@ -55,18 +63,13 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 def _placement(node, fqn, ctx):
     if fqn is None or not isinstance(node.meta.get("val"), torch.Tensor):
         return Replicate()
-    module, _, kind = fqn.rpartition(".")
-    role = tp_role(module)
-    if role is None or ctx.strategy_at(layer_path(module)).weights(role.block) != "tp" or kind not in ("weight", "bias"):
+    if ctx.options.expert_parallel and fnmatch.fnmatchcase(fqn, EXPERTS):
+        return _by_expert(node, fqn, ctx)
+    role = param_role(fqn)
+    if role is None or ctx.strategy_at(layer_path(fqn)).weights(role.block) != "tp":
         return Replicate()
     shape = tuple(node.meta["val"].shape)
-    linear = any(u.target == aten.t.default for u in node.users)      # nn.Linear stores [out, in]
-    if len(shape) == 1:
-        dim = 0 if role.style == "colwise" else None
-    elif role.style == "colwise":
-        dim = 0 if linear else 1
-    else:
-        dim = 1 if linear else 0
+    dim = _tp_dim(node, role)
     if dim is None:
         return Replicate()
     blocks = role.blocks if role.style == "colwise" else 1
@@ -76,6 +79,37 @@ def _placement(node, fqn, ctx):
             f"(per block) over {ctx.world} ranks, which does not divide it. Fix: use a world size that divides "
             f"the head and feature counts, or a sequence-parallel strategy ('ulysses')")
     return make_shard(dim, blocks)
+
+
+def _by_expert(node, fqn, ctx):
+    """Expert parallelism: the fused experts [E, ...] split by expert, E/N per rank."""
+    experts = node.meta["val"].shape[0]
+    if experts % ctx.world:
+        raise ShapeConstraintError(f"{fqn}: expert parallelism splits its {experts} experts over {ctx.world} ranks, "
+                                   f"which does not divide them. Fix: use a world size that divides the expert "
+                                   f"count, or drop options['expert_parallel']")
+    return Shard(0)
+
+
+def _tp_dim(node, role):
+    """The dim of a parameter that ``role`` slices, from how the graph reads it:
+
+        stored [..., out, in], read transposed     colwise: -2   rowwise: -1   (nn.Linear; HF's fused
+                                                                               experts [E, out, in])
+        stored [..., in, out]                      colwise: -1   rowwise: -2   (GPT-2's Conv1D)
+        bias [out]                                 colwise:  0   rowwise: whole
+    """
+    nd = node.meta["val"].dim()
+    if nd == 1:
+        return 0 if role.style == "colwise" else None
+    out_in = any(_swaps_last_two(u, nd) for u in node.users)
+    return nd - 2 if (role.style == "colwise") == out_in else nd - 1
+
+
+def _swaps_last_two(user, nd) -> bool:
+    if user.target == aten.t.default:
+        return True
+    return user.target == aten.transpose.int and sorted(d % nd for d in user.args[1:3]) == [nd - 2, nd - 1]
 
 
 def _piece(ctx, i, p):

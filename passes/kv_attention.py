@@ -40,7 +40,7 @@ from sp_compiler.rules import TRANSPARENT, shape_of
 
 aten = torch.ops.aten
 
-__all__ = ["kv_attention", "merge_partials", "cache_outputs", "KV_POS"]
+__all__ = ["kv_attention", "merge_partials", "cache_outputs", "latent_cache_outputs", "KV_POS"]
 
 KV_POS = "kv_pos"            # name of the slot-position input this pass adds
 
@@ -217,3 +217,31 @@ def cache_outputs(gm: torch.fx.GraphModule) -> dict:
             if x in index:
                 found[index[x]] = (f"{layer_of(attn)}.{name}", tuple(shape_of(x)))
     return found
+
+
+def latent_cache_outputs(gm: torch.fx.GraphModule, caches: dict) -> frozenset:
+    """Graph outputs that are a cache the model reads back, but not as K or V: 4-D outputs that reach an
+    attention's K or V through computation, not layout alone. HF's MLA (DeepSeek-V2/V3) caches its
+    compressed latent [B, 1, S, kv_lora_rank] and rope keys [B, 1, S, rope] and expands them into
+    per-head K/V (``kv_b_proj``) after the cache. seqpar cannot keep these split where the prefill left
+    them (``outputs="local"``): they are returned whole (the latent is small: kv_lora_rank + rope values
+    per token, against 2 x heads x head_dim for K/V), so a decode step reads them like any input.
+    ``caches``: what :func:`cache_outputs` found, left out here."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    writes = {}                                               # tensor -> the copy_ calls into views of it
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.copy_.default:
+            base = n.args[0]
+            while base.op == "call_function" and base.target in TRANSPARENT:
+                base = base.args[0]
+            writes.setdefault(base, []).append(n)
+    todo = [x for attn in gm.graph.nodes if sdpa.is_attention(attn) for x in (sdpa.bind(attn).k, sdpa.bind(attn).v)]
+    feeds = set()                                             # every node K or V is computed from
+    while todo:
+        n = todo.pop()
+        if isinstance(n, torch.fx.Node) and n not in feeds:
+            feeds.add(n)
+            todo += n.all_input_nodes + writes.get(n, [])     # MLA fills its keys' halves in place
+    leaves = torch.utils._pytree.tree_leaves(output.args[0])
+    return frozenset(i for i, leaf in enumerate(leaves)
+                     if i not in caches and leaf in feeds and len(shape_of(leaf) or ()) == 4)

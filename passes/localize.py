@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import torch
 
-from sp_compiler.context import INSERTED, PLACEMENT
+from sp_compiler.context import INSERTED, PLACEMENT, layer_of
 from sp_compiler.collectives import Builder, gather_rows
+from sp_compiler.experts import moe_experts  # noqa: F401 - registers seqpar::moe_experts
 from sp_compiler.errors import ShardingError
 from sp_compiler.placements import is_partial, is_shard, is_token_local
 from sp_compiler.rules import MADE, kept_rows
 
 aten = torch.ops.aten
+MOE_EXPERTS = torch.ops.seqpar.moe_experts.default
 
 __all__ = ["localize"]
 
@@ -61,6 +63,8 @@ def localize(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             node.args = (node.args[0], size, *node.args[2:])
         elif node.target in MADE and sized:
             _make_local(node, p, ctx)
+        elif node.target is MOE_EXPERTS and sized:
+            _experts_local(node, ctx)
         elif node.target == aten.split.Tensor:
             src_p = node.args[0].meta.get(PLACEMENT)
             dim = node.args[2] if len(node.args) > 2 else 0
@@ -95,6 +99,19 @@ def _make_local(node, p, ctx):
         raise ShardingError(node, f"cannot make this tensor at the rank's token count ({shape} -> dim {p.dim} "
                             f"of {n})", hint="report this model; choose 'tp' meanwhile")
     node.args = tuple(args)
+
+
+def _experts_local(node, ctx):
+    """Expert parallelism on each rank's own tokens: the routed rows travel to their experts' ranks and
+    back inside ``seqpar::moe_experts``. Reported as two all_to_all of the routed rows [B*L*k, H] (L: the
+    most rows a rank holds, so every rank reports the same), each row once each way."""
+    node.args = (*node.args[:7], "local")
+    val = node.meta["val"]
+    rows = val.shape[0] // ctx.seq_len * max(ctx.layout(ctx.seq_len).local_size(r) for r in range(ctx.world))
+    for what in ("experts: routed rows to their experts' ranks", "experts: their outputs back"):
+        ctx.collectives.append({"layer": layer_of(node), "kind": "all_to_all", "dim": 0,
+                                "shape": (rows, val.shape[-1]), "dtype": str(val.dtype).replace("torch.", ""),
+                                "bytes": rows * val.shape[-1] * val.dtype.itemsize, "what": what})
 
 
 def _keep_local_rows(gm, node, ctx):

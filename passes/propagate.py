@@ -11,14 +11,18 @@ The wants left are recorded in ``ctx.pending`` for ``insert``.
 
 Inside a mixture-of-experts block entered on each rank's own tokens, ``rules.token_local_rule``
 replaces the table (the block runs on local tokens, no collective); a tensor the block makes at a
-token size is made at the local one instead of being sliced.
+token size is made at the local one instead of being sliced. A block whose experts the layer's
+strategy slices (tp, megatron_sp) runs on all the tokens instead, as transformers' TP runs it:
+
+    x: S(1) [B, S, H] -> all_gather -> router, top-k, experts [E, 2I/N, H] -> [E, H, I/N] -> P
+                      -> reduce_scatter -> S(1)           (tp: x is whole already; one all_reduce)
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import Node
 
-from sp_compiler.context import PLACEMENT, Demand
+from sp_compiler.context import PLACEMENT, Demand, block_of
 from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
@@ -34,7 +38,9 @@ def placement_of(n):
 
 
 def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    ctx.token_blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
+    blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
+    ctx.sliced_blocks = frozenset(b for b in blocks if ctx.strategy_at(layer_path(b)).mlp_weights == "tp")
+    ctx.token_blocks = blocks - ctx.sliced_blocks
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[PLACEMENT] = Replicate()
@@ -43,7 +49,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
-            entry = _layer_entry(node, ctx)
+            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx)}
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
             in_block = ctx.in_token_block(node)
             if not in_block:
@@ -55,9 +61,9 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         elif node.op == "output":
             _no_token_leak(node)
             ctx.outputs = []
-            for out in torch.utils._pytree.tree_leaves(node.args[0]):
+            for i, out in enumerate(torch.utils._pytree.tree_leaves(node.args[0])):
                 if isinstance(out, Node) and shape_of(out) is not None:
-                    want = _output_placement(placement_of(out), ctx)
+                    want = Replicate() if i in ctx.whole_outputs else _output_placement(placement_of(out), ctx)
                     _want(ctx, node, out, want, None)
                     ctx.outputs.append((want, shape_of(out)))
                 else:
@@ -69,7 +75,8 @@ def _output_placement(p, ctx):
     """outputs='replicate': every rank returns the whole result. outputs='local': a sharded output
     stays where it was computed (``backend.output_layout`` says which rows each rank holds); only a
     partial sum is completed. A KV cache kept split by sequence stays so (passes/kv_attention returns
-    its new rows instead)."""
+    its new rows instead); a cache read back other than as K/V (``ctx.whole_outputs``: MLA's latent)
+    is returned whole."""
     if (ctx.options.outputs == "local" and is_shard(p)) or is_rank_local(p):
         return p
     return Replicate()
@@ -91,6 +98,17 @@ def _layer_entry(node, ctx) -> dict:
                 and layer_path(module_path(x)) != layer and placement_of(x) != want:
             entry[x] = want
     return entry
+
+
+def _sliced_block_entry(node, ctx) -> dict:
+    """A mixture-of-experts block whose experts are sliced routes all the tokens on every rank: what
+    enters it split by sequence is gathered where it enters (once: wants on one tensor share a
+    collective)."""
+    block = block_of(node, ctx.sliced_blocks)
+    if block is None:
+        return {}
+    return {x: Replicate() for x in node.all_input_nodes
+            if x.op == "call_function" and block_of(x, ctx.sliced_blocks) != block and is_shard(placement_of(x))}
 
 
 def _no_token_leak(node):

@@ -34,7 +34,7 @@ from tabulate import tabulate
 
 from passes import capture_graph, lower, run_pipeline
 
-from passes.kv_attention import cache_outputs
+from passes.kv_attention import cache_outputs, latent_cache_outputs
 
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
 from .config import STRATEGY_NAMES, Options
@@ -94,7 +94,8 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
         opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
     ctx = PassContext(opts, world, rank, group, list(example_inputs), list(fqns), real_len=real_len, short=short,
                       fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}),
-                      one_in_flight=group is not None and dist.get_backend() == "gloo")
+                      one_in_flight=group is not None and dist.get_backend() == "gloo",
+                      whole_outputs=latent_cache_outputs(captured, caches))
     aten_gm = run_pipeline(captured, ctx, on_pass=dumper.on_pass)
     _compiles[0] += 1
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"

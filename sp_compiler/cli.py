@@ -65,7 +65,8 @@ def _cmd_plan(args) -> int:
     machine = get_profile(args.machine)
     t0 = time.perf_counter()
     preds = plan(config, world=args.world_size, seq_len=args.seq_len, batch=args.batch, machine=machine,
-                 strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion)
+                 strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion,
+                 expert_parallel=args.expert_parallel)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps([p.as_dict() for p in preds], indent=1))
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strategies", type=_strategy_list, default=None,
                     help=f"comma-separated subset of {', '.join(STRATEGIES)}")
     sp.add_argument("--no-fusion", action="store_true", help="price every memory-bound op as its own kernel")
+    sp.add_argument("--expert-parallel", action="store_true",
+                    help="mixtures of experts: each rank holds E/N of the experts (options['expert_parallel'])")
     sp.add_argument("--json", action="store_true", help="print the predictions as JSON")
     sp.add_argument("--verbose", action="store_true", help="print the full reason of unavailable strategies")
     sp.set_defaults(func=_cmd_plan)

@@ -26,6 +26,7 @@ class Options:
     buckets: object = "auto"            # lengths per compile, when Dynamo hands a symbolic graph
     check_ranks: bool = True            # one small all_gather per call: ranks that disagree raise (agree.py)
     checkpoint: Optional[str] = None    # safetensors directory: parameters are stand-ins, read per rank (checkpoint.py)
+    expert_parallel: bool = False       # each rank holds E/N of every MoE layer's experts (experts.py)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -46,6 +47,8 @@ class Options:
                                                  and all(isinstance(b, int) and b > 0 for b in opts.buckets))):
             raise OptionsError(f"buckets={opts.buckets!r} is not valid; choose one of {list(BUCKET_MODES)} or give "
                                f"a list of positive prompt lengths, e.g. [1024, 2048, 4096]")
+        if not isinstance(opts.expert_parallel, bool):
+            raise OptionsError(f"expert_parallel={opts.expert_parallel!r} is not valid; choose False (default) or True")
         if not isinstance(opts.check_ranks, bool):
             raise OptionsError(f"check_ranks={opts.check_ranks!r} is not valid; choose True (default) or False")
         if opts.checkpoint is not None and not (isinstance(opts.checkpoint, (str, os.PathLike))

@@ -12,12 +12,20 @@ from .errors import ShapeConstraintError, module_path
 from .placements import Layout, Replicate, is_shard, local_shape, make_shard, split_factor
 from .strategies import STRATEGIES, Strategy, layer_path, short_strategy
 
-__all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "layer_of"]
+__all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "block_of", "layer_of"]
 
 log = logging.getLogger("seqpar")
 
 PLACEMENT = "seqpar_placement"     # node.meta key: the node's placement
 INSERTED = "seqpar_inserted"       # node.meta key: node added by the insert pass (already local)
+
+def block_of(node, blocks) -> Optional[str]:
+    """The module path in ``blocks`` that ``node`` (a call) lies under, or None."""
+    if not blocks or node.op != "call_function":
+        return None
+    path = module_path(node)
+    return next((b for b in blocks if path == b or path.startswith(b + ".")), None)
+
 
 def layer_of(node) -> str:
     """'model.layers.3' for a node inside a decoder layer, else its top-level module (or 'output')."""
@@ -52,6 +60,7 @@ class PassContext:
     collectives: List[dict] = field(default_factory=list)                 # one row per inserted collective
     attention_work: Optional[dict] = None                                 # rows attention: work per rank
     outputs: List[tuple] = field(default_factory=list)                    # per graph output: (placement, global shape)
+    whole_outputs: frozenset = frozenset()        # outputs returned whole even with outputs="local" (MLA's latent cache)
     real_len: bool = False                                                # bucketed: the graph takes the prompt length
     short: bool = False                                                   # fewer tokens than chunks: short_strategy
     fakes: Optional[list] = None                  # per placeholder: its (symbolic) fake value, for symbolic graphs
@@ -59,7 +68,8 @@ class PassContext:
     kv: Dict[int, object] = field(default_factory=dict)                   # placeholder -> KV cache stand-in info
     extra_inputs: List[str] = field(default_factory=list)                 # inputs passes appended (by name)
     one_in_flight: bool = False                   # gloo: wait each collective before the next (passes/one_in_flight)
-    token_blocks: frozenset = frozenset()         # mixture-of-experts blocks (rules.token_blocks), set by propagate
+    token_blocks: frozenset = frozenset()         # mixture-of-experts blocks run token-local, set by propagate
+    sliced_blocks: frozenset = frozenset()        # ... and those whose experts a TP layout slices
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
@@ -98,11 +108,9 @@ class PassContext:
         return self._variant(STRATEGIES[self.options.plan.strategy_name(layer)])
 
     def in_token_block(self, node) -> bool:
-        """Whether ``node`` belongs to a mixture-of-experts block (``rules.token_local_rule``)."""
-        if not self.token_blocks or node.op != "call_function":
-            return False
-        path = module_path(node)
-        return any(path == b or path.startswith(b + ".") for b in self.token_blocks)
+        """Whether ``node`` belongs to a mixture-of-experts block run on each rank's own tokens
+        (``rules.token_local_rule``)."""
+        return block_of(node, self.token_blocks) is not None
 
     def local_rows(self) -> int:
         """How many rows of the sequence this rank holds."""

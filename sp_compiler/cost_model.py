@@ -6,6 +6,9 @@
     mm / bmm    flops = 2*M*K*N                                  (per batch for bmm)
     grouped mm  flops = 2*M*K*N, each of the M rows through its expert's [K, N] (MoE experts:
                 transformers' grouped_mm_fallback, aten._grouped_mm)
+    moe_experts flops = 2*M'*(H*2I + I*H), M' the rows this rank's experts run with balanced routing:
+                its M own rows (tokens="local": as many arrive as leave) or M*E_rank/E (tokens="all");
+                bytes read: this rank's E/N experts (expert parallelism, ``sp_compiler/experts.py``)
     attention   flops = 4*B*H*Sq*Sk*D * causal fraction          (``sdpa.OPS``, arguments read by name)
     other ops   bytes = sum of input and output tensor bytes     (views, waits, getitem: 0)
     every node  t = max(flops / peak_flops, bytes / mem_bw)
@@ -194,6 +197,10 @@ def node_flops(node, zigzag: bool = False) -> float:
     if name in _GROUPED:                                   # x [M, K] through per-row experts -> [M, N]
         x, out = node.args[0].meta["val"], node.meta["val"]
         return 2.0 * out.shape[0] * x.shape[-1] * out.shape[-1]
+    if name == "moe_experts":                              # x [M, H] -> [M, 2I] -> [M, H] on E/N experts
+        x, offs, w_in, w_out = (a.meta["val"] for a in node.args[:4])
+        rows = x.shape[0] if node.args[7] == "local" else x.shape[0] * w_in.shape[0] / offs.shape[0]
+        return 2.0 * rows * (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2])
     if name in _MATMUL:
         a, b = [n.meta["val"] for n in node.args[-2:]] if name in ("addmm", "baddbmm") else \
             [n.meta["val"] for n in node.args[:2]]
@@ -247,7 +254,7 @@ def node_kind(node) -> str:
     """'compute' (matmul, attention), 'gather' (embedding, index), 'comm' (collectives and waits),
     'view' (no data movement), or 'fusible' (pointwise, reductions, copies, cat, ...)."""
     name = _op_name(node)
-    if name in _MATMUL + _GROUPED or sdpa.is_attention(node):
+    if name in _MATMUL + _GROUPED + ("moe_experts",) or sdpa.is_attention(node):
         return "compute"
     if name in _GATHER:
         return "gather"

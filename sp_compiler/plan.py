@@ -207,7 +207,8 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
 
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
          strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True,
-         call: Optional[Mapping] = None, outputs: str = "replicate") -> List[Prediction]:
+         call: Optional[Mapping] = None, outputs: str = "replicate",
+         expert_parallel: bool = False) -> List[Prediction]:
     """One Prediction per strategy (its slowest rank), in ``STRATEGIES`` order; illegal ones carry
     ``error`` (the engine's reason). Dynamo traces the weightless model once and seqpar captures it
     once; every strategy's pipeline then runs on a copy (``price_strategies``).
@@ -215,7 +216,8 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     The model is built in the machine's dtype (bf16 for GPU profiles, fp32 for cpu-gloo), so the
     collective bytes are that dtype's. ``call`` prices another forward than ``model(ids, use_cache=False)``
     (e.g. ``{"logits_to_keep": 1, "use_cache": True}``; see :func:`dynamo_graph`); ``outputs`` is the
-    backend option of that name (``"local"``: each rank keeps its rows of the outputs, e.g. the KV cache).
+    backend option of that name (``"local"``: each rank keeps its rows of the outputs, e.g. the KV cache),
+    and so is ``expert_parallel`` (each rank holds E/N of a mixture of experts' experts).
     """
     from passes import capture_graph
 
@@ -231,7 +233,7 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
         fqns = input_fqns(dgm)
         with torch.no_grad():
             captured = capture_graph(dgm, inputs)
-            options = Options.from_dict({"lower": "eager", "outputs": outputs})
+            options = Options.from_dict({"lower": "eager", "outputs": outputs, "expert_parallel": expert_parallel})
             return price_strategies(captured, inputs, fqns, options, world, machine,
                                     num_layers=config.num_hidden_layers, strategies=names,
                                     group=dist.group.WORLD.group_name, fusion=fusion)

@@ -33,7 +33,7 @@ from .placements import (
 aten = torch.ops.aten
 
 __all__ = [
-    "Decision", "RULES", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for", "map_through", "view_map",
+    "Decision", "RULES", "RULES_BY_NAME", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for", "map_through", "view_map",
     "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks", "token_local_rule",
 ]
 
@@ -241,6 +241,9 @@ def _keep_rows_rule(node, ctx, P):
         return Decision(Replicate(), {x: Replicate()})
     if node.target == aten.slice.Tensor:
         return _transparent_rule(node, ctx, P)
+    if node.target == aten.index.Tensor and is_partial(p) and all(
+            i is None or is_replicate(P(i)) for i in node.args[1]):
+        return Decision(Partial())                                # picking rows of a partial sum is linear
     return _replicated_only_rule(node, ctx, P)
 
 
@@ -323,6 +326,10 @@ def _is_linear_in_partials(node, ins, pl) -> bool:
         return n_partial == 1 and others_ok and (t == aten.mul.Tensor or first_is_partial)
     if t in _LINEAR_UNARY:
         return True
+    if t == aten._to_copy.default:                  # a float downcast: each rank rounds its part, and the sum
+        src, out = node.args[0].meta["val"], node.meta["val"]        # travels in the narrower dtype, as TP's
+        return src.dtype.is_floating_point and out.dtype.is_floating_point and \
+            out.dtype.itemsize < src.dtype.itemsize                   # rowwise outputs do (MoE: fp32 -> bf16)
     return False
 
 
@@ -340,10 +347,15 @@ def _reduced_dims(node):
     return sorted(_norm(d, nd) for d in dims), keep
 
 
+_LINEAR_REDUCTIONS = {aten.sum.dim_IntList, aten.sum.default, aten.mean.dim}
+
+
 def _reduction_rule(node, ctx, P):
     x = node.args[0]
     p = P(x)
-    if is_partial(p):
+    if is_partial(p):                                    # a sum of partial sums stays pending (the experts'
+        if node.target in _LINEAR_REDUCTIONS:            # outputs summed over top-k); a max does not
+            return Decision(Partial())
         return Decision(Replicate(), {x: Replicate()})
     if not is_shard(p):
         return Decision(p)
@@ -381,6 +393,48 @@ def _mm_rule(node, ctx, P):
     if db == 1:                                                      # colwise weight
         return Decision(pb, {a: Replicate()} if not is_replicate(pa) else {})
     return _fail(node, [pa, pb])
+
+
+def _grouped_mm_rule(node, ctx, P):
+    """The experts' grouped matmul: x [M, K] (rows sorted by expert) @ w [E, K, N], rows offs[e-1]:offs[e]
+    through expert e (transformers' ``grouped_mm_fallback``, ``aten._grouped_mm``). Under a TP layout the
+    experts are sliced as transformers' tp_plan slices them; every rank routes all the tokens:
+
+        x R,       w S(2) (gate_up, packed: sf=2)   -> S(1) (sf=2)    colwise: each rank its features
+        x S(1),    w S(1) (down, K split)           -> Partial        rowwise: each rank a partial sum
+        x R,       w R                              -> R
+
+    Rows split with whole weights (each rank its own tokens) are ``token_local_rule``'s, inside the block."""
+    x, w, offs = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    px, pw = P(x), P(w)
+    wants = {offs: Replicate()} if isinstance(offs, Node) and not is_replicate(P(offs)) else {}
+    dw = shard_dim(pw)
+    if dw == 1:                                                      # K split on both sides
+        want = Shard(1)
+        return Decision(Partial(), {**wants, **({x: want} if px != want else {})})
+    if not is_replicate(px):
+        wants[x] = Replicate()
+    if dw == 2:
+        return Decision(with_dim(pw, 1), wants)
+    if dw is None and not is_partial(pw):
+        return Decision(Replicate(), wants)
+    return _fail(node, [px, pw])
+
+
+def _moe_experts_rule(node, ctx, P):
+    """Expert parallelism (``sp_compiler/experts.py``): the experts split by expert, S(0), E/N per rank.
+
+        x: the rank's own tokens, w S(0)   -> x's placement    the rows travel to their experts and back
+        x R,  w S(0)                       -> Partial          each rank its experts' rows, zeros elsewhere
+    """
+    x, offs, w_in, w_out = node.args[:4]
+    wants = {w: Shard(0) for w in (w_in, w_out) if P(w) != Shard(0)}
+    px = P(x)
+    if is_replicate(px):
+        return Decision(Partial(), {**wants, **({offs: Replicate()} if not is_replicate(P(offs)) else {})})
+    if _as_tokens(x, px, ctx) is not None:
+        return Decision(px, wants)
+    return _fail(node, [px, P(w_in)])
 
 
 def _fail(node, placements):
@@ -655,6 +709,8 @@ def token_local_rule(node, ctx, P):
     the output dim of the same size; tensors made inside the block at a token size (``arange`` of
     the routed copies) are made at the local size. What no token reaches runs by the usual rules.
     """
+    if RULES_BY_NAME.get(_name(node)) is _moe_experts_rule:
+        return _moe_experts_rule(node, ctx, P)                   # its weights are split by expert, not whole
     ins = tensor_inputs(node)
     pl = {x: P(x) for x in ins}
     tokens = {x: t for x in ins if (t := _as_tokens(x, pl[x], ctx)) is not None}
@@ -751,6 +807,7 @@ RULES: Dict[object, Callable] = {
     aten._to_copy.default: _pointwise_rule,
     aten.mm.default: _mm_rule,
     aten.bmm.default: _bmm_rule,
+    aten._grouped_mm.default: _grouped_mm_rule,
     aten.embedding.default: _embedding_rule,
     aten.native_layer_norm.default: _layer_norm_rule,
     aten.cat.default: _cat_rule,
@@ -764,9 +821,20 @@ RULES: Dict[object, Callable] = {
 }
 
 
+#: ops of libraries seqpar does not import, by their registered name
+RULES_BY_NAME: Dict[str, Callable] = {
+    "transformers::grouped_mm_fallback": _grouped_mm_rule,
+    "seqpar::moe_experts": _moe_experts_rule,
+}
+
+
+def _name(node) -> str:
+    return node.target.name() if isinstance(node.target, torch._ops.OpOverload) else ""
+
+
 def rule_for(node: Node) -> Callable:
     """The rule for ``node``; ops without one are fine on replicated inputs only."""
-    return RULES.get(node.target, _default_rule)
+    return RULES.get(node.target) or RULES_BY_NAME.get(_name(node)) or _default_rule
 
 
 def _default_rule(node, ctx, P):

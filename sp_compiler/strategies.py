@@ -17,7 +17,8 @@ out of placement mismatches during propagation (see ``sp_compiler/rules.py``):
 Whatever the strategy, attention whose keys come from a KV cache kept split by sequence
 (``outputs="local"``) runs split-KV: each rank attends its own cached rows (``passes/kv_attention``).
 ``tp``: q/k/v and gate/up sliced by output rows (colwise), o/down by input columns (rowwise),
-as named by ``TP_PLAN``.
+as named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
+rowwise, as transformers' own tp_plan), and its shared experts as a dense MLP.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "LayerPlan",
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "param_role",
+           "LayerPlan",
            "LAYER_RE", "layer_path"]
 
 SEQ_DIM = 1  # the sequence dim of the residual stream [B, S, H]
@@ -87,15 +89,17 @@ class TPRole:
 
     ``colwise`` splits the output features (heads), ``rowwise`` the input features; the
     matmul of a rowwise projection yields a Partial sum. ``blocks`` > 1 marks a fused
-    projection whose output is [blk_0 | blk_1 | ...] (GPT-2 c_attn = [q | k | v]): each
-    block is split on its own, never the fused dim as a whole.
+    projection whose output is [blk_0 | blk_1 | ...] (GPT-2 c_attn = [q | k | v], the experts'
+    gate_up = [gate | up]: transformers' ``packed_colwise``): each block is split on its own,
+    never the fused dim as a whole.
     """
     style: str    # "colwise" | "rowwise"
     block: str    # "attn" | "mlp": which strategy field decides whether to slice
     blocks: int = 1
 
 
-# Module-path glob -> role. Names follow HuggingFace's own base_model_tp_plan where a model has one.
+# Module-path glob -> role (a parameter's path for HF's fused experts, whose weights are parameters of
+# one module). Names follow HuggingFace's own base_model_tp_plan where a model has one.
 TP_PLAN = {
     "*.self_attn.q_proj": TPRole("colwise", "attn"),
     "*.self_attn.k_proj": TPRole("colwise", "attn"),
@@ -109,6 +113,17 @@ TP_PLAN = {
     "*.attn.c_proj": TPRole("rowwise", "attn"),
     "*.mlp.c_fc": TPRole("colwise", "mlp"),
     "*.mlp.c_proj": TPRole("rowwise", "mlp"),
+    # mixture of experts: the fused experts [E, out, in] (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) ...
+    "*.mlp.experts.gate_up_proj": TPRole("colwise", "mlp", blocks=2),
+    "*.mlp.experts.up_proj": TPRole("colwise", "mlp"),                 # experts without a gate
+    "*.mlp.experts.down_proj": TPRole("rowwise", "mlp"),
+    # ... and the shared experts beside them (Qwen2-MoE: one, DeepSeek-V3: n_shared_experts fused in one)
+    "*.mlp.shared_expert.gate_proj": TPRole("colwise", "mlp"),
+    "*.mlp.shared_expert.up_proj": TPRole("colwise", "mlp"),
+    "*.mlp.shared_expert.down_proj": TPRole("rowwise", "mlp"),
+    "*.mlp.shared_experts.gate_proj": TPRole("colwise", "mlp"),
+    "*.mlp.shared_experts.up_proj": TPRole("colwise", "mlp"),
+    "*.mlp.shared_experts.down_proj": TPRole("rowwise", "mlp"),
 }
 
 
@@ -117,6 +132,16 @@ def tp_role(module_fqn: str) -> Optional[TPRole]:
         if fnmatch.fnmatchcase(module_fqn, pattern):
             return role
     return None
+
+
+def param_role(fqn: str) -> Optional[TPRole]:
+    """The role of parameter ``fqn``: a pattern naming the parameter itself (the fused experts'
+    'mlp.experts.gate_up_proj'), or one naming its module, for the module's weight and bias."""
+    role = tp_role(fqn)
+    if role is not None:
+        return role
+    module, _, kind = fqn.rpartition(".")
+    return tp_role(module) if kind in ("weight", "bias") else None
 
 
 # 'model.layers.3' from 'model.layers.3.self_attn.q_proj' (also GPT-2's 'transformer.h.3').

@@ -1,8 +1,11 @@
 """Mixture-of-experts models: each rank routes its own tokens (a token-local region, ``rules.token_local_rule``).
 
-    collectives      fake process group, every strategy: an MoE layer moves what its attention moves and
-                     nothing more (no collective inside the block: router, top-k, sort, histogram and the
-                     grouped expert matmuls run on the rank's own tokens, whole expert weights)
+    collectives      fake process group, every strategy: an MoE layer moves what a dense layer moves (the
+                     strategy table): under the sequence layouts no collective runs inside the block (router,
+                     top-k, sort, histogram and the grouped expert matmuls run on the rank's own tokens, whole
+                     expert weights); under tp and megatron_sp the experts are sliced (gate_up packed colwise,
+                     down rowwise, shared experts as a dense MLP) and the block's partial sum is completed by
+                     the MLP's all_reduce / reduce_scatter
     where tokens go  rank 1's transformed graph: the router, the routed copies and the grouped matmuls
                      hold that rank's tokens only (L rows, never S), and arange of the routed copies is
                      made at the local count; the cost model prices the grouped matmuls on those rows,
@@ -13,7 +16,8 @@
                      first layer, group-limited routing) under one to three (``CI_STRATEGIES``; --full:
                      every family under every strategy, and 4 ranks); a left-padded batch and a greedy
                      generation on Mixtral, a sampled one on Qwen3-MoE (every rank draws the same
-                     tokens). The uneven and zig-zag token counts of 3 and 4 ranks are checked by brute
+                     tokens), a greedy one on DeepSeek-V3 under megatron_sp (sliced experts; MLA's latent
+                     cache, which the decode steps read back through kv_b_proj, returned whole). The uneven and zig-zag token counts of 3 and 4 ranks are checked by brute
                      force in tests/unit/test_token_local.py
 """
 from __future__ import annotations
@@ -45,11 +49,11 @@ def _model(family):
 
 # ----------------------------------------------------------------------------- one process
 
-#: collectives per MoE layer with use_cache=False: the attention's, from the strategy table (README,
-#: Strategies); the MLP of a dense layer adds its own under tp and megatron_sp, an MoE block none
-PER_MOE_LAYER = {
-    "tp": {"all_reduce": 1},
-    "megatron_sp": {"all_gather": 1, "reduce_scatter": 1},
+#: collectives per layer with use_cache=False, from the strategy table (README, Strategies): an MoE layer
+#: moves what a dense one does
+PER_LAYER = {
+    "tp": {"all_reduce": 2},
+    "megatron_sp": {"all_gather": 2, "reduce_scatter": 2},
     "megatron_sp_tp": {"all_gather": 1, "reduce_scatter": 1},
     "ulysses": {"all_to_all": 2},
     "vanilla_sp": {"all_gather": 1},
@@ -57,25 +61,46 @@ PER_MOE_LAYER = {
 }
 
 
-def _transform(family, strategy, rank=0, world=2):
+def _transform(family, strategy, rank=0, world=2, **options):
     from sp_compiler.backend import last_report
     from sp_compiler.plan import transform
 
     fm = fake_model(family, layers=2)
-    gm, ctx = transform(fm.config, strategy=strategy, world=world, rank=rank, batch=B, seq_len=S, model=fm)
+    gm, ctx = transform(fm.config, strategy=strategy, world=world, rank=rank, batch=B, seq_len=S, model=fm,
+                        options=options)
     return gm, ctx, last_report()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("strategy", ALL)
-def test_an_moe_layer_moves_only_what_its_attention_moves(strategy, family):
+def test_an_moe_layer_moves_what_a_dense_layer_moves(strategy, family):
     _, _, report = _transform(family, strategy)
     for layer in ("model.layers.0", "model.layers.1"):
         kinds = Counter(r["kind"] for r in report if r["layer"] == layer)
-        assert kinds == PER_MOE_LAYER[strategy], (layer, kinds, report)
+        assert kinds == PER_LAYER[strategy], (layer, kinds, report)
 
 
-@pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded])
+@pytest.mark.parametrize("strategy", ["tp", "megatron_sp"])
+def test_tp_layouts_slice_the_experts(strategy):
+    """Under a TP layout a rank holds, of Qwen2-MoE's fused experts, half of each expert's gate and half of
+    its up features (gate_up [E, 2I, H] is [gate | up]: packed colwise, S(1, sf=2)) and half of down's
+    input features (rowwise); of the shared expert, half of gate/up's rows and of down's columns, as a
+    dense MLP; the router stays whole. (Which half: tests/unit/test_shard_tensor.py; that the halves
+    answer exactly: the gloo cases below.)"""
+    from sp_compiler.placements import Shard, make_shard
+
+    _, ctx, _ = _transform("qwen2_moe", strategy, rank=1)
+    E, H, I, Ish = 4, 64, 48, 96                           # tests/models.py: experts, hidden, moe / shared intermediate
+    placed = {ctx.input_fqns[i]: (p, tuple(ctx.local_inputs[i].shape)) for i, p in ctx.sliced.items()}
+    layer = "model.layers.0.mlp."
+    assert placed[layer + "experts.gate_up_proj"] == (make_shard(1, 2), (E, I, H))
+    assert placed[layer + "experts.down_proj"] == (Shard(2), (E, H, I // 2))
+    assert placed[layer + "shared_expert.up_proj.weight"] == (Shard(0), (Ish // 2, H))
+    assert placed[layer + "shared_expert.down_proj.weight"] == (Shard(1), (H, Ish // 2))
+    assert layer + "gate.weight" not in placed and layer + "shared_expert_gate.weight" not in placed
+
+
+@pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded and STRATEGIES[s].mlp_weights != "tp"])
 def test_the_block_holds_the_ranks_own_tokens(strategy):
     """Rank 1 of 2, 13 tokens of a batch of 2: the router logits, the k=2 routed copies and their
     positions (arange) hold B*L and B*L*k rows, L the rank's rows, never the global B*S."""
@@ -83,6 +108,7 @@ def test_the_block_holds_the_ranks_own_tokens(strategy):
     from sp_compiler.placements import Layout
 
     gm, ctx, _ = _transform("mixtral", strategy, rank=1)
+    assert "model.layers.0.mlp" in ctx.token_blocks, (strategy, ctx.token_blocks)
     L = Layout(S, 2, STRATEGIES[strategy].zigzag).local_size(1)
     block = [n for n in gm.graph.nodes if module_path(n).startswith("model.layers.0.mlp")]
     rows = {int(n.meta["val"].shape[0]) for n in block
@@ -95,29 +121,73 @@ def test_the_block_holds_the_ranks_own_tokens(strategy):
 
 def test_the_cost_model_prices_the_experts_matmuls():
     """Rank 0 of 2 holds 7 of the 13 rows: under ulysses its grouped expert matmuls see B*7*k routed
-    rows, under tp all B*13*k (every rank runs the whole block), each row through H -> 2I -> H."""
+    rows, each through H -> 2I -> H (whole experts); under tp all B*13*k rows (every rank routes every
+    token), each through half of every expert's features, H -> 2I/2 -> H."""
     from sp_compiler.cost_model import node_flops
 
     H, I, k = 64, 128, 2                                   # tests/models.py: hidden 64, intermediate 2*hidden
-    for strategy, rows in (("tp", S), ("ulysses", 7)):
+    for strategy, rows, features in (("tp", S, I // 2), ("ulysses", 7, I)):
         gm, _, _ = _transform("mixtral", strategy)
         grouped = [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
         assert len(grouped) == 2 * 2, grouped                   # gate_up and down, 2 layers
-        want = 2 * (2.0 * B * rows * k * H * 2 * I + 2.0 * B * rows * k * I * H)
+        want = 2 * (2.0 * B * rows * k * H * 2 * features + 2.0 * B * rows * k * features * H)
         assert sum(node_flops(n) for n in grouped) == want, strategy
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "tp"])
+def test_expert_parallel_splits_the_experts(strategy):
+    """options["expert_parallel"]: rank 1 of 2 holds experts 2 and 3 of Mixtral's 4 (S(0)); each layer's two
+    grouped matmuls become one seqpar::moe_experts call. Under ulysses the rank's own routed rows travel to
+    their experts' ranks and back: two all_to_all of [B*L*k, H] beside the attention's two, L the most rows
+    a rank holds (7 of 13); under tp every rank runs its experts' rows of every token and the layer's
+    all_reduce completes the sum, so a layer moves what a dense one does. The cost model prices the
+    experts on the rows the rank's experts see with balanced routing."""
+    from sp_compiler.cost_model import node_flops
+    from sp_compiler.placements import Shard
+
+    H, I, E, k, L = 64, 128, 4, 2, 7                       # tests/models.py: Mixtral's hidden, intermediate
+    gm, ctx, report = _transform("mixtral", strategy, rank=1, expert_parallel=True)
+    placed = {ctx.input_fqns[i]: (p, tuple(ctx.local_inputs[i].shape)) for i, p in ctx.sliced.items()}
+    assert placed["model.layers.0.mlp.experts.gate_up_proj"] == (Shard(0), (E // 2, 2 * I, H))
+    assert placed["model.layers.0.mlp.experts.down_proj"] == (Shard(0), (E // 2, H, I))
+    calls = [n for n in gm.graph.nodes if "moe_experts" in str(n.target)]
+    assert len(calls) == 2 and not [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+    tokens = "local" if strategy == "ulysses" else "all"
+    assert {n.args[7] for n in calls} == {tokens}
+    for layer in ("model.layers.0", "model.layers.1"):
+        rows = [r for r in report if r["layer"] == layer]
+        experts = [r for r in rows if r["what"].startswith("experts")]
+        assert Counter(r["kind"] for r in rows if r not in experts) == PER_LAYER[strategy]
+        if strategy == "ulysses":
+            assert [(r["kind"], r["shape"], r["bytes"]) for r in experts] == [("all_to_all", (B * L * k, H),
+                                                                             B * L * k * H * 4)] * 2
+        else:
+            assert experts == []
+    rows = B * 6 * k if strategy == "ulysses" else B * S * k * (E // 2) / E     # rank 1 holds 6 of the 13 rows
+    assert node_flops(calls[0]) == 2.0 * rows * (H * 2 * I + I * H)
+
+
+def test_expert_parallel_needs_the_experts_to_split_evenly():
+    from sp_compiler.errors import ShapeConstraintError, OptionsError
+
+    with pytest.raises(ShapeConstraintError, match="4 experts over 3 ranks"):
+        _transform("mixtral", "ulysses", world=3, expert_parallel=True)
+    with pytest.raises(OptionsError, match="expert_parallel"):
+        _transform("mixtral", "ulysses", expert_parallel="yes")
 
 
 def test_plan_prices_qwen3_moe_on_8_ranks():
     """``seqpar plan`` for Qwen3-30B-A3B (48 MoE layers, 128 experts, 8 per token) on 8 H100s: every strategy
-    runs, MoE layers move only the attention's collectives, and tp's compute per layer exceeds a sequence
-    layout's: every tp rank routes all the tokens through the experts, a sequence-split rank 1/8 of them."""
+    runs, MoE layers move what dense ones do, and a tp rank holds an eighth of the experts where a
+    sequence layout holds them all (the embedding, lm_head, router and norms stay whole on every rank)."""
     from sp_compiler.plan import _truncated, plan
     from sp_compiler.presets import load_config
 
     preds = {p.strategy: p for p in plan(load_config("qwen3-30b-a3b"), world=8, seq_len=4096)}
     assert all(p.ok for p in preds.values()), {k: p.error for k, p in preds.items()}
-    assert preds["tp"].collectives == "1 all_reduce" and preds["ulysses"].collectives == "2 all_to_all"
-    assert preds["tp"].compute_s_per_layer > preds["ulysses"].compute_s_per_layer   # (both read every expert)
+    assert preds["tp"].collectives == "2 all_reduce" and preds["ulysses"].collectives == "2 all_to_all"
+    experts = 48 * 3 * 128 * 768 * 2048 * 2                 # layers x (gate, up, down) x E x I x H, bf16
+    assert preds["ulysses"].weight_bytes - preds["tp"].weight_bytes == pytest.approx(experts * 7 / 8, rel=0.05)
     assert _truncated(load_config("deepseek-v3"), 2).first_k_dense_replace == 1   # the repeated layer is MoE
 
 
@@ -128,20 +198,43 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
                  "deepseek_v3": ("ulysses", "vanilla_sp", "tp")}
 
-#: world -> [(family, strategy, call)]
+#: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
     2: [("mixtral", s, "default") for s in ALL]
     + [(f, s, "default") for f in MOE_FAMILIES if f != "mixtral" for s in full_or(CI_STRATEGIES[f], ALL)]
     + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
-       ("qwen3_moe", "vanilla_sp_zigzag", "sample")],
-    4: full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default")]),
+       ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate")]
+    # expert parallelism: rows to their experts' ranks and back (sequence layouts), or each rank its experts'
+    # rows of every token (tp); a router that sends every token to rank 0's experts; a sampled generation
+    + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),
+       ("deepseek_v3", "vanilla_sp_zigzag", "ep:default"), ("qwen2_moe", "megatron_sp_tp", "ep:default"),
+       ("qwen3_moe", "ulysses", "ep:sample")]
+    + full_or([], [(f, s, "ep:default") for f in MOE_FAMILIES for s in ALL]),
+    4: full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default"),
+                    ("mixtral", "ulysses", "ep:skewed"), ("deepseek_v3", "tp", "ep:default")]),
 }
 
 
 GENERATE = ("generate", "sample")                     # greedy; sampled (top-k 20, one seed on every rank)
 
 
+def _parts(call):
+    """("ep:sample") -> (True, "sample")."""
+    ep, _, base = call.rpartition(":")
+    return ep == "ep", base
+
+
+def _case_model(family, call):
+    model = _model(family)
+    if _parts(call)[1] == "skewed":            # a router of zeros: every token ties, and top-k takes the same
+        with torch.no_grad():                  # two experts for all: one rank's of 2, two ranks' of 4
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.zero_()
+    return model
+
+
 def _call(model, family, call):
+    call = _parts(call)[1]
     with torch.no_grad():
         if call in GENERATE:
             torch.manual_seed(7)                                  # the same seed on every rank
@@ -156,9 +249,11 @@ def _rank_body(world):
     out = {}
     for family, strategy, call in CASES[world]:
         torch._dynamo.reset()
-        model = _model(family)
-        opts = {"strategy": strategy, "lower": "aot_eager" if (family, call) == ("mixtral", "default") else "eager"}
-        if call in GENERATE:                                    # model.compile, as a server would
+        model = _case_model(family, call)
+        ep, base = _parts(call)
+        opts = {"strategy": strategy, "lower": "aot_eager" if (family, call) == ("mixtral", "default") else "eager",
+                "expert_parallel": ep}
+        if base in GENERATE:                                    # model.compile, as a server would
             model.compile(backend="seqpar", options={**opts, "outputs": "local"})
             fast = model
         else:
@@ -167,14 +262,21 @@ def _rank_body(world):
     return out
 
 
+def test_a_router_of_zeros_sends_every_token_to_one_ranks_experts():
+    """The premise of the "skewed" cases: HF's top-k of tied scores takes the same two of the 4 experts for
+    every token (2 and 3 in torch 2.13 on CPU), both held by one rank of 2 under expert parallelism."""
+    chosen = torch.topk(torch.softmax(torch.zeros(B * S, 4), dim=-1), 2).indices.unique()
+    assert len(chosen) == 2 and len((chosen // 2).unique()) == 1, chosen
+
+
 @pytest.mark.parametrize(**world_cases(CASES))
 def test_moe_matches_one_device(world, case):
     family, strategy, call = case
     results = cached_run(("moe", world), run_ranks, _rank_body, world, world, timeout=1200)
-    want = _call(_model(family), family, call)
+    want = _call(_case_model(family, call), family, call)
     for rank, res in enumerate(results):
         got = res[case]
-        if call in GENERATE:
+        if _parts(call)[1] in GENERATE:
             assert torch.equal(got, want), (rank, got, want)
         else:
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank}: {m}")

@@ -51,6 +51,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401 - registers transformers::grouped_mm_fallback
 from torch.fx import Graph, GraphModule
 
 from sp_compiler.collectives import Builder, gather_rows
@@ -60,7 +61,7 @@ from sp_compiler.errors import ShapeConstraintError, ShardingError, UnsupportedO
 from sp_compiler.placements import (
     Partial, Replicate, Shard, _StridedShard, fmt, is_partial, is_shard, split_factor,
 )
-from sp_compiler.rules import RULES, rule_for
+from sp_compiler.rules import RULES, RULES_BY_NAME, rule_for
 
 aten = torch.ops.aten
 R, P = Replicate(), Partial()
@@ -507,8 +508,9 @@ _x = X(P)
 case("pointwise", "add-P+1.0", aten.add.Tensor, _x, 1.0, out=R, wants={_x: R})
 _x = X(P)
 case("pointwise", "exp-P", aten.exp.default, _x, out=R, wants={_x: R})
-_x = X(P)
-case("pointwise", "_to_copy-P", aten._to_copy.default, _x, dtype=torch.float32, out=R, wants={_x: R})
+_x = T(rn(B, SEQ, H).float(), P)
+case("pointwise", "_to_copy-P-upcast", aten._to_copy.default, _x, dtype=torch.float64, out=R, wants={_x: R})
+case("pointwise", "_to_copy-P-downcast", aten._to_copy.default, X(P), dtype=torch.float32, out=P, wants={})
 _x = X(P)
 case("pointwise", "mul-Scalar-P", aten.mul.Scalar, _x, 2.0, out=R, wants={_x: R})
 
@@ -520,8 +522,10 @@ _x = X(S(1))
 case("reduction", "sum-sharded-dim-S1", aten.sum.dim_IntList, _x, [1], out=R, wants={_x: R})
 _x = X(S(1))
 case("reduction", "sum-all-S1", aten.sum.default, _x, out=R, wants={_x: R})
+case("reduction", "sum-P", aten.sum.dim_IntList, X(P), [2], out=P, wants={})       # the experts' top-k sum
+case("reduction", "mean-P", aten.mean.dim, X(P), [1], True, out=P, wants={})
 _x = X(P)
-case("reduction", "sum-P", aten.sum.dim_IntList, _x, [2], out=R, wants={_x: R})
+case("reduction", "amax-P", aten.amax.default, _x, [2], out=R, wants={_x: R})
 case("reduction", "sum-R", aten.sum.dim_IntList, X(R), [1], out=R, wants={})
 case("reduction", "sum-other-dim-S1sf2", aten.sum.dim_IntList, X(S(1, 2), 3, B * SEQ, H), [0], out=S(0, 2))
 case("reduction", "mean-other-dim-S1", aten.mean.dim, X(S(1)), [-1], True, out=S(1), wants={})
@@ -608,6 +612,38 @@ case("keep_rows", "index-other-dim-S1", aten.index.Tensor, _x, [None, None, T(to
 case("keep_rows", "index-R", aten.index.Tensor, X(R), [None, T(torch.tensor([1, 4]))], out=R, wants={})
 _i = T(torch.tensor([6, 0, 3, 1]), S(0))
 case("keep_rows", "index-S1-by-sharded-index", aten.index.Tensor, X(S(1)), [None, _i])
+case("keep_rows", "index-P-by-R", aten.index.Tensor, X(P, 5, H), [T(torch.tensor([4, 0, 0, 2]))], out=P,
+     wants={})                                                      # the experts' rows back in token order
+
+# --- grouped_mm: rows offs[e-1]:offs[e] of x through expert e (transformers' MoE experts)
+_GMM = torch.ops.transformers.grouped_mm_fallback.default
+_offs = T(torch.tensor([3, 3, 10, 14], dtype=torch.int32))           # 14 routed rows, 4 experts, one idle
+case("grouped_mm", "R@R", _GMM, X(R, 14, H), T(rn(4, H, 5)), _offs, out=R, wants={})
+case("grouped_mm", "colwise-R@S2", _GMM, X(R, 14, H), T(rn(4, H, 6), S(2)), _offs, out=S(1), wants={})
+case("grouped_mm", "packed-colwise-R@S2sf2", _GMM, X(R, 14, H), T(rn(4, H, 12), S(2, 2)), _offs, out=S(1, 2),
+     wants={})
+case("grouped_mm", "rowwise-S1@S1", _GMM, X(S(1), 14, H), T(rn(4, H, 5), S(1)), _offs, out=P, wants={})
+_x = X(R, 14, H)
+case("grouped_mm", "rowwise-R@S1", _GMM, _x, T(rn(4, H, 5), S(1)), _offs, out=P, wants={_x: S(1)})
+_x = X(S(0), 14, H)
+case("grouped_mm", "rows-S0@R", _GMM, _x, T(rn(4, H, 5)), _offs, out=R, wants={_x: R})   # offs count all rows
+_x = X(S(0), 14, H)
+case("grouped_mm", "rows-S0@S2", _GMM, _x, T(rn(4, H, 6), S(2)), _offs, out=S(1), wants={_x: R})
+# --- moe_experts (expert parallelism; it exchanges rows over a process group, so decisions only here:
+# its numerics are tests/test_moe.py's gloo cases)
+import sp_compiler.experts  # noqa: E402,F401 - registers seqpar::moe_experts
+_MOE = torch.ops.seqpar.moe_experts.default
+_ep = dict(numeric=False, standin=lambda *a, **k: None)
+case("moe_experts", "all-R", _MOE, X(R, 14, H), _offs, T(rn(4, H, 12), S(0)), T(rn(4, 6, H), S(0)),
+     "aten.silu.default", True, "", "all", out=P, wants={}, **_ep)
+case("moe_experts", "local-tokens", _MOE, X(S(0, B * 2), B * SEQ * 2, H), _offs, T(rn(4, H, 12), S(0)),
+     T(rn(4, 6, H), S(0)), "aten.silu.default", True, "", "all", out=S(0, B * 2), wants={}, **_ep)
+_w = T(rn(4, H, 12))
+case("moe_experts", "whole-weights-wanted-split", _MOE, X(R, 14, H), _offs, _w, T(rn(4, 6, H), S(0)),
+     "aten.silu.default", True, "", "all", out=P, wants={_w: S(0)}, **_ep)
+# aten._grouped_mm (the CUDA path; the same rule) runs on CPU in float32 with 16-byte strides only
+case("grouped_mm", "aten-colwise-R@S2", aten._grouped_mm.default, T(rn(14, 8).float()), T(rn(4, 8, 8).float(), S(2)),
+     _offs, out=S(1), wants={}, worlds=(2,))
 
 # --- mm
 case("mm", "rows-S0@R", aten.mm.default, X(S(0), B * SEQ, H), T(rn(H, 5)), out=S(0), wants={})
@@ -850,6 +886,7 @@ def test_rule(case):
 def test_every_rule_has_a_case():
     covered = {c.op for c in CASES}
     missing = sorted(str(op) for op in RULES if op not in covered and op not in NOT_COVERED)
+    missing += sorted(set(RULES_BY_NAME) - {op.name() for op in covered if isinstance(op, torch._ops.OpOverload)})
     assert not missing, f"ops of rules.RULES with no case in {__name__}: {missing}"
     stale = sorted(str(op) for op in NOT_COVERED if op in covered or op not in RULES)
     assert not stale, f"NOT_COVERED lists ops that are covered or not in RULES: {stale}"

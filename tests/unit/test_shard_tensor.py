@@ -25,6 +25,7 @@ CASES = [
     ((8, 36), _StridedShard(1, split_factor=3)),              # Conv1D c_attn [in, q|k|v]
     ((36, 8), _StridedShard(0, split_factor=3)),              # Linear fused qkv [q|k|v, in]
     ((36,), _StridedShard(0, split_factor=3)),                # its bias
+    ((4, 24, 8), _StridedShard(1, split_factor=2)),           # the experts' gate_up [E, gate|up, H]
     ((7, 4), Shard(0)),                                       # uneven
     ((4, 10), Shard(1)),                                      # uneven
     ((21, 4), _StridedShard(0, split_factor=3)),              # uneven blocks of 7
