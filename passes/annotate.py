@@ -9,6 +9,7 @@
         colwise  Linear [out, in] -> S(0)   Conv1D [in, out] -> S(1)   bias -> S(0)
         rowwise  Linear [out, in] -> S(1)   Conv1D [in, out] -> S(0)   bias -> R
         experts  gate_up [E, 2I, H] -> S(1, sf=2)   down [E, H, I] -> S(2)
+        vocab    embedding, lm_head [V, H] -> S(0) (a vocabulary N does not divide stays whole)
         fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
     expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
 
@@ -70,8 +71,8 @@ def _placement(node, fqn, ctx):
         return Replicate()
     shape = tuple(node.meta["val"].shape)
     dim = _tp_dim(node, role)
-    if dim is None:
-        return Replicate()
+    if dim is None or (role.style == "vocab" and shape[0] % ctx.world):     # a vocabulary N does not divide
+        return Replicate()                                                     # stays whole
     blocks = role.blocks if role.style == "colwise" else 1
     if (shape[dim] // blocks) % ctx.world:
         raise ShapeConstraintError(
@@ -98,8 +99,11 @@ def _tp_dim(node, role):
                                                                                experts [E, out, in])
         stored [..., in, out]                      colwise: -1   rowwise: -2   (GPT-2's Conv1D)
         bias [out]                                 colwise:  0   rowwise: whole
+        embedding / lm_head [V, H]                 vocab: 0
     """
     nd = node.meta["val"].dim()
+    if role.style == "vocab":
+        return 0 if nd == 2 else None
     if nd == 1:
         return 0 if role.style == "colwise" else None
     out_in = any(_swaps_last_two(u, nd) for u in node.users)

@@ -19,7 +19,9 @@ import torch
 
 from sp_compiler.collectives import Builder, all_gather, all_to_all, collective_kind, redistribute
 from sp_compiler.context import PLACEMENT, layer_of
-from sp_compiler.placements import fmt
+from sp_compiler.errors import module_path
+from sp_compiler.strategies import layer_path
+from sp_compiler.placements import fmt, is_partial
 
 __all__ = ["insert_collectives"]
 
@@ -74,7 +76,7 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         for row in b.rows:
             row["what"] = f"{src.name} {fmt(src.meta[PLACEMENT])}->{fmt(want)}"
         _rewire(demands, src, out, want)
-        _report(ctx, b, users)
+        _report(ctx, b, users, src)
     ctx.pending.clear()
     graph.lint()
     return gm
@@ -123,7 +125,12 @@ def _rewire(demands, src, out, want):
         d.user.replace_input_with(src, out)
 
 
-def _report(ctx, b, users):
+def _report(ctx, b, users, src=None):
+    """One row per collective, in the layer of its first user; a partial sum made outside the decoder
+    layers and completed entering one (a vocab-parallel embedding's lookup) is the maker's."""
     layer = layer_of(min(users, key=lambda u: 0 if u.op != "output" else 1))
+    if src is not None and src.op == "call_function" and is_partial(src.meta.get(PLACEMENT)) \
+            and layer_path(module_path(src)) is None and layer_path(layer) is not None:
+        layer = layer_of(src)
     for row in b.rows:
         ctx.collectives.append({"layer": layer, **row})

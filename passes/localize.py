@@ -14,6 +14,10 @@ them, a Partial (``collectives.gather_rows``):
 
     slice(x, 1, -1, end)         x: S(1)    ->  where(owned, index_select(x, 1, local row), 0)
 
+A vocab-parallel embedding (the table split by rows) looks every id up in this rank's rows:
+
+    embedding(w, ids)            w: S(0)    ->  where(held, embedding(w, ids - lo), 0)   a Partial
+
 Only ops whose output is sharded carry sizes to rewrite: tensors made from scratch
 (arange, full, masks) stay whole (Replicate) and are sliced where a sharded tensor
 meets them. Nodes added by ``insert`` are already local and are skipped.
@@ -30,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from sp_compiler.context import INSERTED, PLACEMENT, layer_of
-from sp_compiler.collectives import Builder, gather_rows
+from sp_compiler.collectives import Builder, gather_rows, vocab_lookup
 from sp_compiler.experts import moe_experts  # noqa: F401 - registers seqpar::moe_experts
 from sp_compiler.errors import ShardingError
 from sp_compiler.placements import is_partial, is_shard, is_token_local
@@ -52,6 +56,9 @@ def localize(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         p = node.meta.get(PLACEMENT)
         if is_partial(p) and kept_rows(node) is not None and is_shard(node.args[0].meta.get(PLACEMENT)):
             _keep_local_rows(gm, node, ctx)
+            continue
+        if is_partial(p) and node.target == aten.embedding.default:
+            _vocab_local(gm, node, ctx)
             continue
         if node.target == aten.view.default:
             node.target = aten.reshape.default
@@ -112,6 +119,16 @@ def _experts_local(node, ctx):
         ctx.collectives.append({"layer": layer_of(node), "kind": "all_to_all", "dim": 0,
                                 "shape": (rows, val.shape[-1]), "dtype": str(val.dtype).replace("torch.", ""),
                                 "bytes": rows * val.shape[-1] * val.dtype.itemsize, "what": what})
+
+
+def _vocab_local(gm, node, ctx):
+    """embedding(w, ids) of a vocab-parallel table -> this rank's ids looked up, zeros else (a Partial)."""
+    weight, ids = node.args[:2]
+    b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
+    out = vocab_lookup(b, weight, ids, weight.meta["val"].shape[0])
+    out.meta[PLACEMENT] = node.meta[PLACEMENT]
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
 
 
 def _keep_local_rows(gm, node, ctx):

@@ -63,7 +63,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             ctx.outputs = []
             for i, out in enumerate(torch.utils._pytree.tree_leaves(node.args[0])):
                 if isinstance(out, Node) and shape_of(out) is not None:
-                    want = Replicate() if i in ctx.whole_outputs else _output_placement(placement_of(out), ctx)
+                    want = Replicate() if i in ctx.whole_outputs else _output_placement(placement_of(out), out, ctx)
                     _want(ctx, node, out, want, None)
                     ctx.outputs.append((want, shape_of(out)))
                 else:
@@ -71,22 +71,23 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     return gm
 
 
-def _output_placement(p, ctx):
+def _output_placement(p, out, ctx):
     """outputs='replicate': every rank returns the whole result. outputs='local': a sharded output
     stays where it was computed (``backend.output_layout`` says which rows each rank holds); only a
-    partial sum is completed. A KV cache kept split by sequence stays so (passes/kv_attention returns
-    its new rows instead); a cache read back other than as K/V (``ctx.whole_outputs``: MLA's latent)
-    is returned whole."""
-    if (ctx.options.outputs == "local" and is_shard(p)) or is_rank_local(p):
+    partial sum, and logits split by vocabulary (a vocab-parallel lm_head: a shard of the last dim),
+    are completed. A KV cache kept split by sequence stays so (passes/kv_attention returns its new
+    rows instead); a cache read back other than as K/V (``ctx.whole_outputs``: MLA's latent) is
+    returned whole."""
+    last = is_shard(p) and p.dim == len(shape_of(out)) - 1
+    if (ctx.options.outputs == "local" and is_shard(p) and not last) or is_rank_local(p):
         return p
     return Replicate()
 
 
 def _layer_entry(node, ctx) -> dict:
-    """With per-layer strategies: the residual stream [B, S, H] entering a layer from outside it
-    is placed as that layer's strategy says (a slice, a gather, or nothing when they agree)."""
-    if not ctx.options.layers:
-        return {}
+    """The residual stream [B, S, H] entering a layer from outside it is placed as that layer's strategy
+    says (a slice, a gather, or nothing when they agree): with per-layer strategies, and for a partial
+    sum (a vocab-parallel embedding's lookup: reduce_scatter into a sequence split, all_reduce else)."""
     layer = layer_path(module_path(node))
     if layer is None:
         return {}
@@ -95,7 +96,8 @@ def _layer_entry(node, ctx) -> dict:
     for x in node.all_input_nodes:
         s = shape_of(x)
         if s is not None and len(s) == 3 and s[:2] == (ctx.batch, ctx.seq_len) and x.op == "call_function" \
-                and layer_path(module_path(x)) != layer and placement_of(x) != want:
+                and layer_path(module_path(x)) != layer and placement_of(x) != want \
+                and (ctx.options.layers or is_partial(placement_of(x))):
             entry[x] = want
     return entry
 

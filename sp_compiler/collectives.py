@@ -36,7 +36,7 @@ from .placements import Replicate, Shard, is_partial, is_replicate, is_shard, sp
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
-__all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_gather_flat", "all_reduce",
+__all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_gather_flat", "all_reduce", "vocab_lookup",
            "reduce_scatter", "all_to_all", "gather_rows", "ROWS_OF"]
 
 
@@ -322,6 +322,19 @@ def gather_rows(b: Builder, x, shape, d: int, idx, k: int) -> Node:
     rows = b(aten.index_select.default, x, d, b(aten.clamp_min.default, local, 0))
     valid = b(aten.view.default, b(aten.ge.Scalar, local, 0), [1] * d + [-1] + [1] * (nd - d - 1))
     return b(aten.where.ScalarOther, valid, rows, 0.0)
+
+
+def vocab_lookup(b: Builder, weight, ids, vocab: int) -> Node:
+    """``embedding(weight, ids)`` with ``weight`` this rank's rows lo:hi of a [V, H] table (vocab-parallel),
+    as a Partial: the ids it holds looked up, zeros for the others (one rank holds each id).
+
+        held = (ids >= lo) & (ids < hi)
+        out  = where(held[..., None], embedding(weight, where(held, ids - lo, 0)), 0)
+    """
+    lo, hi = b.ctx.rank * vocab // b.ctx.world, (b.ctx.rank + 1) * vocab // b.ctx.world
+    held = b(aten.bitwise_and.Tensor, b(aten.ge.Scalar, ids, lo), b(aten.lt.Scalar, ids, hi))
+    rows = b(aten.embedding.default, weight, b(aten.where.ScalarOther, held, b(aten.sub.Scalar, ids, lo), 0))
+    return b(aten.where.ScalarOther, b(aten.unsqueeze.default, held, -1), rows, 0.0)
 
 
 def collective_kind(have, want) -> str:

@@ -376,22 +376,28 @@ def _layer_norm_rule(node, ctx, P):
 
 def _mm_rule(node, ctx, P):
     """[M, K] @ [K, N]. Rows may be sharded (sequence), columns of the weight (colwise TP),
-    or K on both sides (rowwise TP -> Partial)."""
+    or K on both sides (rowwise TP -> Partial). A partial x (rows kept from a sequence split) is
+    completed as the weight needs it: whole for a whole or colwise weight, K-split for a rowwise one."""
     a, b = node.args[0], node.args[1]
     pa, pb = P(a), P(b)
+    if is_partial(pb):
+        return _fail(node, [pa, pb])
     if is_partial(pa):
-        return Decision(Replicate(), {a: Replicate()}) if is_replicate(pb) else _fail(node, [pa, pb])
+        pa = with_dim(pb, 1) if shard_dim(pb) == 0 else Replicate()
+        wants = {a: pa}
+    else:
+        wants = {}
     da, db = shard_dim(pa), shard_dim(pb)
-    if db is None and not is_partial(pb):                           # full weight
+    if db is None:                                                   # full weight
         if da == 1:                                                  # K sharded, weight whole
             want = ctx.rows_placement(a)
             return Decision(want, {a: want})
-        return Decision(pa)
+        return Decision(pa, wants)
     if db == 0:                                                      # rowwise weight: K sharded
         want_a = with_dim(pb, 1)
-        return Decision(Partial(), {a: want_a} if pa != want_a else {})
+        return Decision(Partial(), {a: want_a} if pa != want_a else wants)
     if db == 1:                                                      # colwise weight
-        return Decision(pb, {a: Replicate()} if not is_replicate(pa) else {})
+        return Decision(pb, {a: Replicate()} if not is_replicate(pa) else wants)
     return _fail(node, [pa, pb])
 
 
@@ -453,9 +459,18 @@ def _bmm_rule(node, ctx, P):
 
 
 def _embedding_rule(node, ctx, P):
+    """embedding(weight [V, H], ids):
+
+        weight R      ids as they are, or S(1) under a sequence layout: each rank looks up its own rows
+        weight S(0)   vocab-parallel: every rank looks up every id in its rows of the table, zero for ids
+                      it does not hold -> Partial (``localize`` writes the masked lookup); the first
+                      decoder layer completes it (all_reduce, or reduce_scatter into its sequence split)
+    """
     weight, idx = node.args[0], node.args[1]
-    wants = {} if is_replicate(P(weight)) else {weight: Replicate()}
     p = P(idx)
+    if shard_dim(P(weight)) == 0:
+        return Decision(Partial(), {idx: Replicate()} if not is_replicate(p) else {})
+    wants = {} if is_replicate(P(weight)) else {weight: Replicate()}
     strategy = ctx.strategy_for(node)
     if strategy.seq_sharded and is_replicate(p) and len(shape_of(idx)) >= 2:
         p = Shard(1)                    # any length: N need not divide it (placements.Layout)

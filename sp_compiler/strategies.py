@@ -17,7 +17,7 @@ out of placement mismatches during propagation (see ``sp_compiler/rules.py``):
 Whatever the strategy, attention whose keys come from a KV cache kept split by sequence
 (``outputs="local"``) runs split-KV: each rank attends its own cached rows (``passes/kv_attention``).
 ``tp``: q/k/v and gate/up sliced by output rows (colwise), o/down by input columns (rowwise),
-as named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
+the embedding and lm_head by vocabulary wherever attention's weights are sliced, as named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
 rowwise, as transformers' own tp_plan), and its shared experts as a dense MLP.
 """
 from __future__ import annotations
@@ -46,7 +46,9 @@ class Strategy:
     zigzag: bool = False         # rows: rank r holds chunks r and 2N-1-r
 
     def weights(self, block: str) -> str:
-        return self.attn_weights if block == "attn" else self.mlp_weights
+        """'tp' where this strategy slices the weights of ``block``: 'attn', 'mlp', or 'vocab' (the
+        embedding and lm_head, vocab-parallel wherever attention's weights are sliced)."""
+        return self.mlp_weights if block == "mlp" else self.attn_weights
 
     @property
     def seq_sharded(self) -> bool:
@@ -88,13 +90,14 @@ class TPRole:
     """How tensor parallelism slices one projection.
 
     ``colwise`` splits the output features (heads), ``rowwise`` the input features; the
-    matmul of a rowwise projection yields a Partial sum. ``blocks`` > 1 marks a fused
+    matmul of a rowwise projection yields a Partial sum. ``vocab`` splits the rows of an embedding
+    table [V, H] (also read as a tied lm_head): a lookup yields a Partial sum, the logits [.., V/N]. ``blocks`` > 1 marks a fused
     projection whose output is [blk_0 | blk_1 | ...] (GPT-2 c_attn = [q | k | v], the experts'
     gate_up = [gate | up]: transformers' ``packed_colwise``): each block is split on its own,
     never the fused dim as a whole.
     """
-    style: str    # "colwise" | "rowwise"
-    block: str    # "attn" | "mlp": which strategy field decides whether to slice
+    style: str    # "colwise" | "rowwise" | "vocab"
+    block: str    # "attn" | "mlp" | "vocab": which strategy field decides whether to slice
     blocks: int = 1
 
 
@@ -113,6 +116,10 @@ TP_PLAN = {
     "*.attn.c_proj": TPRole("rowwise", "attn"),
     "*.mlp.c_fc": TPRole("colwise", "mlp"),
     "*.mlp.c_proj": TPRole("rowwise", "mlp"),
+    # vocab-parallel embedding and lm_head (Megatron's VocabParallelEmbedding, transformers' embedding_rowwise)
+    "*.embed_tokens": TPRole("vocab", "vocab"),
+    "*.wte": TPRole("vocab", "vocab"),                                   # GPT-2
+    "lm_head": TPRole("vocab", "vocab"),
     # mixture of experts: the fused experts [E, out, in] (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) ...
     "*.mlp.experts.gate_up_proj": TPRole("colwise", "mlp", blocks=2),
     "*.mlp.experts.up_proj": TPRole("colwise", "mlp"),                 # experts without a gate

@@ -290,6 +290,15 @@ def _localized(case, node, decision, placed, world, rank, zig):
     return args, kwargs
 
 
+def _vocab_lookup_by_hand(case, world, rank, args):
+    """A vocab-parallel lookup as ``localize`` writes it: the ids this rank's rows of the table hold, looked
+    up, zeros for the rest."""
+    table, ids = args[0], args[1]
+    lo = sum(_lens(case.args[0].val.shape[0], world)[:rank])
+    held = (ids >= lo) & (ids < lo + table.shape[0])
+    return torch.where(held[..., None], table[(ids - lo).clamp(0, table.shape[0] - 1)], 0.0)
+
+
 def _kept_rows_local(case, ctx, x_local, args):
     """Rank's share of rows kept from its sequence-sharded x: ``collectives.gather_rows``."""
     x = case.args[0]
@@ -390,6 +399,8 @@ def run_case(case, world):
         x0 = case.args[0] if case.args and isinstance(case.args[0], T) else None
         if is_partial(decision.out) and case.op in (aten.slice.Tensor, aten.index.Tensor) and is_shard(placed[x0]):
             outs.append(_kept_rows_local(case, ctx, args[0], args))
+        elif is_partial(decision.out) and case.op == aten.embedding.default:
+            outs.append(_vocab_lookup_by_hand(case, world, r, args))
         elif case.standin is not None:
             outs.append((_as_tuple(case.op(*_to_meta(args), **_to_meta(kwargs))), case.standin(*args[:3], **kwargs)))
         else:
@@ -661,7 +672,11 @@ case("mm", "K-sharded-S1@R-tp", aten.mm.default, _x, T(rn(H, 5)), strategy="tp",
 _x = X(P, B * SEQ, H)
 case("mm", "P@R", aten.mm.default, _x, T(rn(H, 5)), out=R, wants={_x: R})
 case("mm", "R@R", aten.mm.default, X(R, B * SEQ, H), T(rn(H, 5)), out=R, wants={})
-case("mm", "P@S1-refused", aten.mm.default, X(P, B * SEQ, H), T(rn(H, 6), S(1)), raises=UnsupportedOpError)
+_x = X(P, B * SEQ, H)
+case("mm", "P@S1-colwise", aten.mm.default, _x, T(rn(H, 6), S(1)), out=S(1), wants={_x: R})   # kept rows -> lm_head
+_x = X(P, B * SEQ, H)
+case("mm", "P@S0-rowwise", aten.mm.default, _x, T(rn(H, 5), S(0)), out=P, wants={_x: S(1)})
+case("mm", "R@P-refused", aten.mm.default, X(R, B * SEQ, H), T(rn(H, 5), P), raises=UnsupportedOpError)
 
 # --- bmm
 case("bmm", "S0@S0", aten.bmm.default, X(S(0), 6, SEQ, D), X(S(0), 6, D, SEQ), out=S(0), wants={})
@@ -684,8 +699,13 @@ case("embedding", "tokens-tp", aten.embedding.default, T(rn(11, H)), T(ints(11, 
 case("embedding", "tokens-already-S1", aten.embedding.default, T(rn(11, H)), T(ints(11, B, SEQ), S(1)),
      out=S(1), wants={})
 case("embedding", "tokens-1d-ulysses", aten.embedding.default, T(rn(11, H)), T(ints(11, SEQ)), out=R, wants={})
-_w, _i = T(rn(11, H), S(0)), T(ints(11, B, SEQ))
-case("embedding", "weight-S0", aten.embedding.default, _w, _i, out=S(1), wants={_w: R, _i: S(1)})
+# vocab-parallel: every rank looks every id up in its rows of the table (12 rows: 2 and 3 ranks divide them)
+case("embedding", "vocab-S0-tp", aten.embedding.default, T(rn(12, H), S(0)), T(ints(12, B, SEQ)), strategy="tp",
+     out=P, wants={})
+case("embedding", "vocab-S0-megatron_sp", aten.embedding.default, T(rn(12, H), S(0)), T(ints(12, B, SEQ)),
+     strategy="megatron_sp", out=P, wants={})
+_i = T(ints(12, B, SEQ), S(1))
+case("embedding", "vocab-S0-ids-S1", aten.embedding.default, T(rn(12, H), S(0)), _i, out=P, wants={_i: R})
 
 # --- cat
 case("cat", "empty-cache+S2", aten.cat.default, [T(torch.empty(B, H, 0, D, dtype=torch.float64)),
