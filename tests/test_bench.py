@@ -38,13 +38,14 @@ def tiny_config():
 def expected_bytes(strategy: str, S: int, N: int = 2) -> int:
     """Bytes per forward of ``model(ids, logits_to_keep=1, use_cache=True)`` with replicated outputs.
 
-    tp: 2 all_reduce of B*S*H per layer; the KV cache (heads split) all-gathered: K and V of B*KV*S*D.
+    tp: 2 all_reduce of B*S*H per layer; the KV cache (heads split) all-gathered: K and V of B*KV*S*D;
+    the vocab-parallel embedding's all_reduce (B*S*H) and the kept row's logits gathered by vocabulary (B*V).
     ulysses: q|k|v all_to_all of this rank's rows (B*S/N*(H + 2*KV*D)) and the attention output's
     (B*S*H/N) per layer; K and V gathered as under tp; one all_reduce of the kept row (B*H) for lm_head.
     """
     kv_cache = 2 * B * KV * S * D
     if strategy == "tp":
-        return L * (2 * B * S * H + kv_cache) * FP32
+        return (L * (2 * B * S * H + kv_cache) + B * S * H + B * V) * FP32
     if strategy == "ulysses":
         return (L * (B * S // N * (H + 2 * KV * D) + B * S * H // N + kv_cache) + B * H) * FP32
     raise ValueError(strategy)
@@ -97,7 +98,7 @@ def test_bytes_are_the_collectives_that_ran(result):
         assert row["graph_bytes"] == want                # the transformed graph's own collective list
         assert sum(c["bytes"] for c in row["collectives"].values()) == want
     tp = next(r for r in result["rows"] if r["name"] == "tp")
-    assert tp["collectives"]["all_reduce"]["calls"] == 2 * L and tp["collectives"]["all_gather"]["calls"] == 2 * L
+    assert tp["collectives"]["all_reduce"]["calls"] == 2 * L + 1 and tp["collectives"]["all_gather"]["calls"] == 2 * L + 1
     uly = next(r for r in result["rows"] if r["name"] == "ulysses")
     assert uly["collectives"]["all_to_all"]["calls"] == 2 * L
 

@@ -178,16 +178,21 @@ def test_expert_parallel_needs_the_experts_to_split_evenly():
 
 def test_plan_prices_qwen3_moe_on_8_ranks():
     """``seqpar plan`` for Qwen3-30B-A3B (48 MoE layers, 128 experts, 8 per token) on 8 H100s: every strategy
-    runs, MoE layers move what dense ones do, and a tp rank holds an eighth of the experts where a
-    sequence layout holds them all (the embedding, lm_head, router and norms stay whole on every rank)."""
+    runs, MoE layers move what dense ones do, and a tp rank holds an eighth of the experts, of the
+    vocabulary's rows and of the query heads, and one of the 4 KV heads (repeated for 8 ranks), where a
+    sequence layout holds them all (routers and norms are whole on every rank)."""
     from sp_compiler.plan import _truncated, plan
     from sp_compiler.presets import load_config
 
     preds = {p.strategy: p for p in plan(load_config("qwen3-30b-a3b"), world=8, seq_len=4096)}
     assert all(p.ok for p in preds.values()), {k: p.error for k, p in preds.items()}
     assert preds["tp"].collectives == "2 all_reduce" and preds["ulysses"].collectives == "2 all_to_all"
-    experts = 48 * 3 * 128 * 768 * 2048 * 2                 # layers x (gate, up, down) x E x I x H, bf16
-    assert preds["ulysses"].weight_bytes - preds["tp"].weight_bytes == pytest.approx(experts * 7 / 8, rel=0.05)
+    H, bf16 = 2048, 2
+    experts = 48 * 3 * 128 * 768 * H                         # layers x (gate, up, down) x E x I x H
+    vocab = 2 * 151936 * H                                   # embedding and lm_head
+    q_o, k_v = 48 * 2 * 32 * 128 * H, 48 * 2 * 4 * 128 * H   # heads x head_dim x H, 48 layers
+    saved = (experts + vocab + q_o) * 7 / 8 + k_v * 3 / 4
+    assert preds["ulysses"].weight_bytes - preds["tp"].weight_bytes == pytest.approx(saved * bf16, rel=1e-4)
     assert _truncated(load_config("deepseek-v3"), 2).first_k_dense_replace == 1   # the repeated layer is MoE
 
 

@@ -44,11 +44,14 @@ TIMEOUT = 600
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 #: collectives per compiled graph of a 2-layer model (README, Strategies), for world > 1
+#: per forward: the layers' collectives (README, Strategies), the logits' gather (by rows, or by vocabulary
+#: from a vocab-parallel lm_head), and where the embedding is vocab-parallel its completion (all_reduce /
+#: reduce_scatter) and, under megatron_*, the final norm's rows gathered for the lm_head
 EXPECTED_KINDS = {
-    "tp": {"all_reduce": 2 * LAYERS},
+    "tp": {"all_reduce": 2 * LAYERS + 1, "all_gather": 1},
     "ulysses": {"all_to_all": 2 * LAYERS, "all_gather": 1},
-    "megatron_sp": {"all_gather": 2 * LAYERS + 1, "reduce_scatter": 2 * LAYERS},
-    "megatron_sp_tp": {"all_gather": LAYERS + 1, "reduce_scatter": LAYERS},
+    "megatron_sp": {"all_gather": 2 * LAYERS + 2, "reduce_scatter": 2 * LAYERS + 1},
+    "megatron_sp_tp": {"all_gather": LAYERS + 2, "reduce_scatter": LAYERS + 1},
 }
 
 

@@ -196,9 +196,11 @@ def _call_plain(model, S):
 
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded])
 def test_keep_one_row_moves_one_row(strategy):
-    """logits_to_keep=1 on a sequence-sharded strategy: outside the decoder layers the only
-    collective is one all_reduce of the kept row's hidden state, B x 1 x H, never S rows.
-    (Rank 0 of 2 on fake tensors; one Dynamo trace, transformed by every strategy: ``plan.transform``.)"""
+    """logits_to_keep=1 on a sequence-sharded strategy: after the decoder layers the only collectives are
+    one all_reduce of the kept row's hidden state, B x 1 x H, never S rows, and where the lm_head is
+    vocab-parallel (megatron_*) the gather of that row's logits by vocabulary, B x 1 x V; before them,
+    a vocab-parallel embedding's reduce_scatter into the sequence split. (Rank 0 of 2 on fake tensors;
+    one Dynamo trace, transformed by every strategy: ``plan.transform``.)"""
     from sp_compiler.backend import last_report
     from sp_compiler.plan import transform
 
@@ -206,7 +208,11 @@ def test_keep_one_row_moves_one_row(strategy):
     fm = fake_model("llama", **MODEL)
     transform(fm.config, strategy=strategy, world=2, batch=B, seq_len=S, model=fm, call=dict(logits_to_keep=1))
     outside = [r for r in last_report() if not r["layer"].startswith("model.layers.")]
-    assert [(r["kind"], r["bytes"]) for r in outside] == [("all_reduce", B * 1 * H * 4)], outside
+    V = fm.config.vocab_size
+    want = [("all_reduce", B * 1 * H * 4)]
+    if STRATEGIES[strategy].attn_weights == "tp":
+        want = [("reduce_scatter", B * S * H * 4)] + want + [("all_gather", B * 1 * V * 4)]
+    assert [(r["kind"], r["bytes"]) for r in outside] == want, outside
 
 
 def test_weights_loaded_in_place_are_sliced_again(fake_pg):
