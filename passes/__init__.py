@@ -1,9 +1,9 @@
 """The pass pipeline, in order. Each pass is ``pass(gm, ctx) -> gm``.
 
     capture (once per compile, ``capture_graph``)
-      -> expert_parallel -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate -> insert_collectives
-      -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention -> one_in_flight
-      -> check_local_shapes
+      -> expert_parallel -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate
+      -> insert_collectives -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention
+      -> one_in_flight -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -37,8 +37,8 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 
 log = logging.getLogger("seqpar")
 
-PIPELINE = [expert_parallel, prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives, localize,
-            grouped_kv, kv_attention, mask_blocks, rows_attention, one_in_flight, check_local_shapes]
+PIPELINE = [expert_parallel, prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives,
+            localize, grouped_kv, kv_attention, mask_blocks, rows_attention, one_in_flight, check_local_shapes]
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:

@@ -77,8 +77,8 @@ def _between(first):
         gate, up = sorted(user.users, key=lambda g: g.args[1] if g.target is operator.getitem else -1)
         act = _only_user(gate)
         mul = _only_user(act) if act is not None else None
-        if _unary(act) and mul is not None and mul.target == aten.mul.Tensor and list(mul.args) in ([act, up], [up, act]) \
-                and _only_user(up) is mul:
+        if _unary(act) and mul is not None and mul.target == aten.mul.Tensor \
+                and list(mul.args) in ([act, up], [up, act]) and _only_user(up) is mul:
             return True, act, mul, [user, gate, up, act, mul]
     elif _unary(user):
         return False, user, user, [user]

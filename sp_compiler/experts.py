@@ -83,7 +83,7 @@ def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: 
     send_rows, recv_rows = send.sum(1).tolist(), recv.sum(1).tolist()
     got = x.new_empty(sum(recv_rows), x.shape[1])
     dist.all_to_all_single(got, x.contiguous(), recv_rows, send_rows, group=group)
-    expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv.flatten())   # each received row's expert
+    expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv.flatten())   # of each row
     order = torch.argsort(expert, stable=True)
     y = x.new_empty(got.shape[0], w_out.shape[-1])
     y[order] = expert_ffn(got[order], recv.sum(0).tolist(), w_in, w_out, act, gated)

@@ -33,8 +33,8 @@ from .placements import (
 aten = torch.ops.aten
 
 __all__ = [
-    "Decision", "RULES", "RULES_BY_NAME", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for", "map_through", "view_map",
-    "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks", "token_local_rule",
+    "Decision", "RULES", "RULES_BY_NAME", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for",
+    "map_through", "view_map", "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks", "token_local_rule",
 ]
 
 

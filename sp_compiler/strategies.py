@@ -16,9 +16,10 @@ out of placement mismatches during propagation (see ``sp_compiler/rules.py``):
 ``whole``: every rank runs all of attention (a call too short to split: ``short_strategy``).
 Whatever the strategy, attention whose keys come from a KV cache kept split by sequence
 (``outputs="local"``) runs split-KV: each rank attends its own cached rows (``passes/kv_attention``).
-``tp``: q/k/v and gate/up sliced by output rows (colwise), o/down by input columns (rowwise),
-the embedding and lm_head by vocabulary wherever attention's weights are sliced, as named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
-rowwise, as transformers' own tp_plan), and its shared experts as a dense MLP.
+``tp``: q/k/v and gate/up sliced by output rows (colwise), o/down by input columns (rowwise), as
+named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
+rowwise, as transformers' own tp_plan), and its shared experts as a dense MLP; the embedding and
+lm_head by vocabulary wherever attention's weights are sliced.
 """
 from __future__ import annotations
 
@@ -91,10 +92,10 @@ class TPRole:
 
     ``colwise`` splits the output features (heads), ``rowwise`` the input features; the
     matmul of a rowwise projection yields a Partial sum. ``vocab`` splits the rows of an embedding
-    table [V, H] (also read as a tied lm_head): a lookup yields a Partial sum, the logits [.., V/N]. ``blocks`` > 1 marks a fused
-    projection whose output is [blk_0 | blk_1 | ...] (GPT-2 c_attn = [q | k | v], the experts'
-    gate_up = [gate | up]: transformers' ``packed_colwise``): each block is split on its own,
-    never the fused dim as a whole.
+    table [V, H] (also read as a tied lm_head): a lookup yields a Partial sum, the logits [.., V/N].
+    ``blocks`` > 1 marks a fused projection whose output is [blk_0 | blk_1 | ...] (GPT-2 c_attn =
+    [q | k | v], the experts' gate_up = [gate | up]: transformers' ``packed_colwise``): each block is
+    split on its own, never the fused dim as a whole.
     """
     style: str    # "colwise" | "rowwise" | "vocab"
     block: str    # "attn" | "mlp" | "vocab": which strategy field decides whether to slice

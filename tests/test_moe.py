@@ -215,8 +215,10 @@ CASES = {
        ("deepseek_v3", "vanilla_sp_zigzag", "ep:default"), ("qwen2_moe", "megatron_sp_tp", "ep:default"),
        ("qwen3_moe", "ulysses", "ep:sample")]
     + full_or([], [(f, s, "ep:default") for f in MOE_FAMILIES for s in ALL]),
-    4: full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default"),
-                    ("mixtral", "ulysses", "ep:skewed"), ("deepseek_v3", "tp", "ep:default")]),
+    # 4 ranks, one expert each: every token to two ranks' experts; MLA and sliced experts at 4
+    4: [("mixtral", "ulysses", "ep:skewed"), ("deepseek_v3", "megatron_sp", "default")]
+    + full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default"),
+                   ("deepseek_v3", "tp", "ep:default")]),
 }
 
 
