@@ -6,11 +6,21 @@
 
 ATen is the IR because it is small and closed: a finite table of rules covers
 every model, and sizes appear as plain ints in view/expand/arange arguments.
+
+Attention whose values have a smaller head dim than its queries and keys (MLA, DeepSeek-V2/V3: q/k
+192, v 128) is traced on values zero-padded to the keys' head dim, its output sliced back:
+
+    sdpa(q, k, v)   ->   sdpa(q, k, pad(v, [0, Dqk - Dv]))[..., :Dv]
+
+The same numbers (the padded columns of the output are zeros, sliced away), and one fused attention
+op that seqpar places (the CPU kernel, like flash attention, needs equal head dims; otherwise SDPA
+decomposes into bmm / softmax, which no rule splits, and every rank would run attention whole).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx.traceback as fx_traceback
+import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -37,8 +47,22 @@ def capture(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.Gr
     # Running Dynamo's graph through an Interpreter under preserve_node_meta() stamps every
     # ATen node with the nn_module_stack of the torch-level node it came from.
     with torch.no_grad(), fake_mode, fx_traceback.preserve_node_meta():
-        aten_gm = make_fx(torch.fx.Interpreter(gm).run, tracing_mode="real", decomposition_table=_DECOMPOSE)(*fakes)
+        aten_gm = make_fx(_Capture(gm).run, tracing_mode="real", decomposition_table=_DECOMPOSE)(*fakes)
     return aten_gm
+
+
+class _Capture(torch.fx.Interpreter):
+    """Dynamo's graph, run for make_fx; attention with narrower values than keys on padded values."""
+
+    def call_function(self, target, args, kwargs):
+        if target is F.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            pad = k.shape[-1] - v.shape[-1]
+            if pad > 0 and q.shape[-1] == k.shape[-1]:
+                rest = {n: a for n, a in kwargs.items() if n not in ("query", "key", "value")}
+                out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), *args[3:], **rest)
+                return out[..., :v.shape[-1]]
+        return super().call_function(target, args, kwargs)
 
 
 def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

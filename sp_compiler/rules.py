@@ -148,6 +148,12 @@ def _map_same(node, p, forward, world):
     return p
 
 
+def _map_pad(node, p, forward, world):
+    nd, pad = len(shape_of(node)), node.args[1]
+    padded = {nd - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+    return None if p.dim in padded else p
+
+
 def _map_slice(node, p, forward, world):
     nd = len(shape_of(node))
     return p if _norm(node.args[1], nd) != p.dim else None
@@ -169,6 +175,7 @@ TRANSPARENT: Dict[object, Callable] = {
     aten.detach.default: _map_same,
     aten._to_copy.default: _map_same,
     aten.slice.Tensor: _map_slice,
+    aten.constant_pad_nd.default: _map_pad,
 }
 
 
@@ -562,6 +569,19 @@ def _split_sizes_rule(node, ctx, P):
     return Decision(tuple([p] * n_out))
 
 
+def _pad_rule(node, ctx, P):
+    """constant_pad_nd(x, pad, value) pads the last len(pad)/2 dims: a shard of a dim it does not pad
+    stays (MLA's values padded to the keys' head dim, ``passes/capture``; a collective wanted after the
+    pad moves before it, onto the narrower values); a padded sharded dim needs the whole x; a partial
+    sum padded with zeros stays a partial sum."""
+    x = node.args[0]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    p = P(x)
+    if (is_partial(p) and value != 0) or (is_shard(p) and _map_pad(node, p, True, ctx.world) is None):
+        return Decision(Replicate(), {x: Replicate()})
+    return Decision(p)
+
+
 def _copy_rule(node, ctx, P):
     """copy_(dst, src) writes src into dst, a view of a tensor made empty (HF's MLA fills the [nope | rope]
     halves of its keys so): dst takes src's placement. The want travels up the view to the empty tensor,
@@ -831,6 +851,7 @@ RULES: Dict[object, Callable] = {
     aten.split.Tensor: _split_rule,
     aten.split_with_sizes.default: _split_sizes_rule,
     aten.copy_.default: _copy_rule,
+    aten.constant_pad_nd.default: _pad_rule,
     aten.select.int: _select_rule,
     operator.getitem: _getitem_rule,
 }

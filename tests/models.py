@@ -53,10 +53,11 @@ MOE_FAMILIES = {
                                          shared_expert_intermediate_size=96, decoder_sparse_step=1,
                                          mlp_only_layers=[])),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    # as the real one: as many KV heads as query heads, values narrower than keys (q/k 8 + 8, v 8)
     "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                              n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                                              kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
-                                             qk_nope_head_dim=8, v_head_dim=16)),
+                                             qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)),
 }
 
 #: Maximum sequence length every tiny model supports.

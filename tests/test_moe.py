@@ -80,6 +80,18 @@ def test_an_moe_layer_moves_what_a_dense_layer_moves(strategy, family):
         assert kinds == PER_LAYER[strategy], (layer, kinds, report)
 
 
+@pytest.mark.parametrize("strategy, kinds", [("ulysses", {"all_to_all": 2}), ("vanilla_sp", {"all_gather": 1}),
+                                             ("tp", {"all_reduce": 2})])
+def test_mla_attention_is_split(strategy, kinds):
+    """DeepSeek-V3's MLA, values narrower than keys (v 8, q/k 16): traced on zero-padded values
+    (``passes/capture``), attention is one fused op and splits by heads or rows as any attention does,
+    never run whole on every rank (which needs no collective in the layer but an all_gather of q, k, v)."""
+    gm, _, report = _transform("deepseek_v3", strategy)
+    for layer in ("model.layers.0", "model.layers.1"):                 # dense, then MoE
+        assert Counter(r["kind"] for r in report if r["layer"] == layer) == kinds, (layer, report)
+    assert any(n.target == torch.ops.aten.constant_pad_nd.default for n in gm.graph.nodes)
+
+
 @pytest.mark.parametrize("strategy", ["tp", "megatron_sp"])
 def test_tp_layouts_slice_the_experts(strategy):
     """Under a TP layout a rank holds, of Qwen2-MoE's fused experts, half of each expert's gate and half of

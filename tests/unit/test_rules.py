@@ -749,6 +749,15 @@ case("split_with_sizes", "sharded-dim-S2", aten.split_with_sizes.default, _x, [2
 _x = X(P)
 case("split_with_sizes", "P", aten.split_with_sizes.default, _x, [1, 5], 2, out=(R,) * 2, wants={_x: R})
 
+# --- constant_pad_nd (MLA's values padded to the keys' head dim)
+case("pad", "other-dim-S1", aten.constant_pad_nd.default, X(S(1)), [0, 3], out=S(1), wants={})
+_x = X(S(2))
+case("pad", "padded-dim-S2", aten.constant_pad_nd.default, _x, [0, 3], out=R, wants={_x: R})
+case("pad", "two-dims-S0", aten.constant_pad_nd.default, X(S(0)), [1, 2, 0, 1], out=S(0), wants={})
+case("pad", "P-zeros", aten.constant_pad_nd.default, X(P), [0, 3], out=P, wants={})
+_x = X(P)
+case("pad", "P-ones", aten.constant_pad_nd.default, _x, [0, 3], 1.0, out=R, wants={_x: R})
+
 # --- copy_ (a view of an empty tensor filled in place: HF's MLA keys)
 _d = X(R)
 case("copy_", "R<-S1", aten.copy_.default, _d, X(S(1)), out=S(1), wants={_d: S(1)})
