@@ -148,6 +148,13 @@ def _map_same(node, p, forward, world):
     return p
 
 
+def _map_complex(node, p, forward, world):
+    """view_as_complex [..., D/2, 2] -> [..., D/2] (view_as_real the reverse): complex RoPE (Llama 4,
+    DeepSeek-V2). A shard keeps its dim; the pair dim is never sharded."""
+    pairs = len(shape_of(node.args[0] if node.target == aten.view_as_complex.default else node)) - 1
+    return None if p.dim >= pairs else p
+
+
 def _map_pad(node, p, forward, world):
     nd, pad = len(shape_of(node)), node.args[1]
     padded = {nd - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
@@ -176,6 +183,8 @@ TRANSPARENT: Dict[object, Callable] = {
     aten._to_copy.default: _map_same,
     aten.slice.Tensor: _map_slice,
     aten.constant_pad_nd.default: _map_pad,
+    aten.view_as_complex.default: _map_complex,
+    aten.view_as_real.default: _map_complex,
 }
 
 
@@ -190,6 +199,7 @@ def map_through(node: Node, p, forward: bool, world: int):
 
 # Layout-only ops that commute with a sum over ranks.
 _PARTIAL_SAFE = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+                 aten.view_as_complex.default, aten.view_as_real.default,
                  aten.alias.default, aten.detach.default, aten.transpose.int, aten.t.default, aten.permute.default,
                  aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default}
 

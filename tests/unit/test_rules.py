@@ -749,6 +749,12 @@ case("split_with_sizes", "sharded-dim-S2", aten.split_with_sizes.default, _x, [2
 _x = X(P)
 case("split_with_sizes", "P", aten.split_with_sizes.default, _x, [1, 5], 2, out=(R,) * 2, wants={_x: R})
 
+# --- view_as_complex / view_as_real (complex RoPE: Llama 4, DeepSeek-V2)
+case("complex", "view_as_complex-S1", aten.view_as_complex.default, X(S(1), B, SEQ, 3, 2), out=S(1), wants={})
+case("complex", "view_as_real-S1", aten.view_as_real.default, T(torch.randn(B, SEQ, 3, dtype=torch.complex128,
+                                                                         generator=_gen), S(1)), out=S(1), wants={})
+case("complex", "view_as_complex-P", aten.view_as_complex.default, X(P, B, SEQ, 3, 2), out=P, wants={})
+
 # --- constant_pad_nd (MLA's values padded to the keys' head dim)
 case("pad", "other-dim-S1", aten.constant_pad_nd.default, X(S(1)), [0, 3], out=S(1), wants={})
 _x = X(S(2))
