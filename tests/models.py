@@ -58,6 +58,11 @@ MOE_FAMILIES = {
                                              n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                                              kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
                                              qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)),
+    # MLA with complex (view_as_complex) RoPE, greedy routing
+    "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                             n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
+                                             q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                             num_key_value_heads=4)),
 }
 
 #: Maximum sequence length every tiny model supports.
@@ -128,7 +133,7 @@ def build_config(
         name, moe = MOE_FAMILIES[family]
         cls = getattr(transformers, name)
         kwargs.update(moe, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        if family != "deepseek_v3":
+        if not family.startswith("deepseek"):
             kwargs["head_dim"] = hidden // heads
     else:
         raise ValueError(f"unknown model family {family!r}; known: {_KNOWN}")

@@ -38,7 +38,7 @@ ALL = tuple(STRATEGIES)
 TOL = dict(atol=1e-5, rtol=1e-5)
 B, S = 2, 13
 #: one MoE layer is enough for what the block does; DeepSeek-V3's first layer is dense, its second MoE
-LAYERS = {"deepseek_v3": 2}
+LAYERS = {"deepseek_v3": 2, "deepseek_v2": 2}
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
@@ -213,7 +213,7 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 #: family -> the strategies CI's cut runs it under (--full: every strategy): MLA under a heads, a rows and
 #: the TP layout; the shared expert beside a TP attention; the others once, by heads or by rows
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
-                 "deepseek_v3": ("ulysses", "vanilla_sp", "tp")}
+                 "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",)}
 
 #: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
