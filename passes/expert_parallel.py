@@ -19,12 +19,11 @@ import operator
 import torch
 
 from sp_compiler.errors import UnsupportedOpError
-from sp_compiler.experts import moe_experts  # noqa: F401 - registers seqpar::moe_experts
+from sp_compiler.experts import MOE_EXPERTS
 
-__all__ = ["expert_parallel", "GROUPED_MM", "MOE_EXPERTS", "is_grouped_mm"]
+__all__ = ["expert_parallel", "GROUPED_MM", "is_grouped_mm"]
 
 aten = torch.ops.aten
-MOE_EXPERTS = torch.ops.seqpar.moe_experts.default
 
 #: the grouped expert matmuls, by registered name (transformers' op is registered when transformers loads it)
 GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")

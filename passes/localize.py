@@ -35,13 +35,12 @@ import torch
 
 from sp_compiler.context import INSERTED, PLACEMENT, layer_of
 from sp_compiler.collectives import Builder, gather_rows, vocab_lookup
-from sp_compiler.experts import moe_experts  # noqa: F401 - registers seqpar::moe_experts
+from sp_compiler.experts import MOE_EXPERTS
 from sp_compiler.errors import ShardingError
 from sp_compiler.placements import is_partial, is_shard, is_token_local
 from sp_compiler.rules import MADE, kept_rows
 
 aten = torch.ops.aten
-MOE_EXPERTS = torch.ops.seqpar.moe_experts.default
 
 __all__ = ["localize"]
 

@@ -19,6 +19,7 @@ log = logging.getLogger("seqpar")
 PLACEMENT = "seqpar_placement"     # node.meta key: the node's placement
 INSERTED = "seqpar_inserted"       # node.meta key: node added by the insert pass (already local)
 
+
 def block_of(node, blocks) -> Optional[str]:
     """The module path in ``blocks`` that ``node`` (a call) lies under, or None."""
     if not blocks or node.op != "call_function":

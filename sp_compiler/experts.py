@@ -32,7 +32,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["moe_experts", "expert_ffn", "op_by_name", "TOKENS"]
+__all__ = ["moe_experts", "MOE_EXPERTS", "expert_ffn", "op_by_name", "TOKENS"]
 
 #: where the routed rows are: each rank its own, or every row on every rank
 TOKENS = ("local", "all")
@@ -67,15 +67,17 @@ def expert_ffn(x: torch.Tensor, counts: List[int], w_in: torch.Tensor, w_out: to
 @torch.library.custom_op("seqpar::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, act: str,
                 gated: bool, group_name: str, tokens: str) -> torch.Tensor:
+    if tokens not in TOKENS:
+        raise ValueError(f"seqpar::moe_experts: tokens={tokens!r}, not one of {TOKENS}")
     local = w_in.shape[0]                                               # experts on this rank
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())  # [E] rows per expert
     group = dist.distributed_c10d._resolve_process_group(group_name)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if tokens == "all":
-        mine = counts[rank * local:(rank + 1) * local]
-        lo = int(counts[:rank * local].sum())
+        mine = counts[rank * local:(rank + 1) * local]                  # rows of this rank's experts
+        lo, n = int(counts[:rank * local].sum()), int(mine.sum())
         out = x.new_zeros(x.shape[0], w_out.shape[-1])
-        out[lo:lo + int(mine.sum())] = expert_ffn(x[lo:lo + int(mine.sum())], mine.tolist(), w_in, w_out, act, gated)
+        out[lo:lo + n] = expert_ffn(x[lo:lo + n], mine.tolist(), w_in, w_out, act, gated)
         return out
     send = counts.view(world, local)                                    # [to rank, its expert]
     recv = torch.empty_like(send)
@@ -95,3 +97,7 @@ def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: 
 @moe_experts.register_fake
 def _(x, offs, w_in, w_out, act, gated, group_name, tokens):
     return x.new_empty(x.shape[0], w_out.shape[-1])
+
+
+#: the op as it sits in a graph
+MOE_EXPERTS = torch.ops.seqpar.moe_experts.default
