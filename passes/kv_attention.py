@@ -228,20 +228,7 @@ def latent_cache_outputs(gm: torch.fx.GraphModule, caches: dict) -> frozenset:
     per token, against 2 x heads x head_dim for K/V), so a decode step reads them like any input.
     ``caches``: what :func:`cache_outputs` found, left out here."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-    writes = {}                                               # tensor -> the copy_ calls into views of it
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == torch.ops.aten.copy_.default:
-            base = n.args[0]
-            while base.op == "call_function" and base.target in TRANSPARENT:
-                base = base.args[0]
-            writes.setdefault(base, []).append(n)
-    todo = [x for attn in gm.graph.nodes if sdpa.is_attention(attn) for x in (sdpa.bind(attn).k, sdpa.bind(attn).v)]
-    feeds = set()                                             # every node K or V is computed from
-    while todo:
-        n = todo.pop()
-        if isinstance(n, torch.fx.Node) and n not in feeds:
-            feeds.add(n)
-            todo += n.all_input_nodes + writes.get(n, [])     # MLA fills its keys' halves in place
+    feeds = sdpa.kv_sources(gm.graph)
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
     return frozenset(i for i, leaf in enumerate(leaves)
                      if i not in caches and leaf in feeds and len(shape_of(leaf) or ()) == 4)

@@ -19,10 +19,13 @@ strategy slices (tp, megatron_sp) runs on all the tokens instead, as transformer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx import Node
 
-from sp_compiler.context import PLACEMENT, Demand, block_of
+from sp_compiler import sdpa
+from sp_compiler.context import PLACEMENT, Demand, block_of, layer_of
 from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
@@ -41,6 +44,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
     ctx.sliced_blocks = frozenset(b for b in blocks if ctx.strategy_at(layer_path(b)).mlp_weights == "tp")
     ctx.token_blocks = blocks - ctx.sliced_blocks
+    region = _latent_region(gm, ctx)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[PLACEMENT] = Replicate()
@@ -49,7 +53,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
-            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx)}
+            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx), **_region_entry(node, region)}
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
             in_block = ctx.in_token_block(node)
             if not in_block:
@@ -100,6 +104,51 @@ def _layer_entry(node, ctx) -> dict:
                 and (ctx.options.layers or is_partial(placement_of(x))):
             entry[x] = want
     return entry
+
+
+def _latent_region(gm, ctx) -> frozenset:
+    """MLA under a layout that attends its own query rows against all keys (vanilla_sp, zig-zag): the
+    nodes that expand the compressed latent (HF views it as one head, [B, 1, S, kv_lora_rank], and the
+    rope keys [B, 1, S, rope]) into the attention's K and V run on the whole sequence on every rank, so
+    the latent is gathered instead of K and V, where that is fewer bytes:
+
+        latent: S(2) -> all_gather -> kv_b_proj, split, expand, [k_nope | k_rope], pad -> K, V: R
+        (was: latent: S(2) -> kv_b_proj ... -> K, V: S(2) -> all_gather of K | V)
+
+    kv_b_proj then runs on S rows on every rank instead of S/N: DeepSeek-V3 moves 576 values a token
+    instead of 128 heads x (192 + 128)."""
+    region = set()
+    for attn in [n for n in gm.graph.nodes if sdpa.is_attention(n) and ctx.strategy_for(n).attention == "rows"]:
+        layer = layer_of(attn)
+        feeds = {n for n in sdpa.kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
+        roots = [n for n in feeds if _one_head(n, ctx)]
+        inside, todo = set(), [u for r in roots for u in r.users]
+        while todo:                                               # what the latent flows into, up to K and V
+            n = todo.pop()
+            if n in feeds and n not in inside:
+                inside.add(n)
+                todo += list(n.users)
+        entering = {x for n in inside for x in n.all_input_nodes if x not in inside and x.op == "call_function"
+                    and ctx.seq_len in (shape_of(x) or ())}                # not the weights
+        call = sdpa.bind(attn)
+        size = lambda n: math.prod(shape_of(n))                  # noqa: E731
+        if any(n.target == aten.mm.default for n in inside) and \
+                sum(size(x) for x in entering) < size(call.k) + size(call.v):
+            region |= inside
+    return frozenset(region)
+
+
+def _one_head(n, ctx) -> bool:
+    s = shape_of(n)
+    return s is not None and len(s) == 4 and s[0] == ctx.batch and s[1] == 1 and s[2] == ctx.seq_len
+
+
+def _region_entry(node, region) -> dict:
+    """A node of the latent region reads what enters it (the latent) whole."""
+    if node not in region:
+        return {}
+    return {x: Replicate() for x in node.all_input_nodes
+            if x not in region and x.op == "call_function" and is_shard(placement_of(x))}
 
 
 def _sliced_block_entry(node, ctx) -> dict:
