@@ -53,7 +53,8 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
-            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx), **_region_entry(node, region)}
+            latent = _region_entry(node, region)
+            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx), **latent}
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
             in_block = ctx.in_token_block(node)
             if not in_block:
@@ -61,7 +62,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             decision = (token_local_rule if in_block else rule_for(node))(node, ctx, P)
             node.meta[PLACEMENT] = decision.out
             for src, want in {**entry, **decision.wants}.items():
-                _want(ctx, node, src, want, decision.group)
+                _want(ctx, node, src, want, region[node] if src in latent else decision.group)
         elif node.op == "output":
             _no_token_leak(node)
             ctx.outputs = []
@@ -106,7 +107,7 @@ def _layer_entry(node, ctx) -> dict:
     return entry
 
 
-def _latent_region(gm, ctx) -> frozenset:
+def _latent_region(gm, ctx) -> dict:
     """MLA under a layout that attends its own query rows against all keys (vanilla_sp, zig-zag): the
     nodes that expand the compressed latent (HF views it as one head, [B, 1, S, kv_lora_rank], and the
     rope keys [B, 1, S, rope]) into the attention's K and V run on the whole sequence on every rank, so
@@ -116,8 +117,9 @@ def _latent_region(gm, ctx) -> frozenset:
         (was: latent: S(2) -> kv_b_proj ... -> K, V: S(2) -> all_gather of K | V)
 
     kv_b_proj then runs on S rows on every rank instead of S/N: DeepSeek-V3 moves 576 values a token
-    instead of 128 heads x (192 + 128)."""
-    region = set()
+    instead of 128 heads x (192 + 128). {node: its attention}: what enters one attention's region is
+    gathered in one packed call."""
+    region = {}
     for attn in [n for n in gm.graph.nodes if sdpa.is_attention(n) and ctx.strategy_for(n).attention == "rows"]:
         layer = layer_of(attn)
         feeds = {n for n in sdpa.kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
@@ -134,8 +136,8 @@ def _latent_region(gm, ctx) -> frozenset:
         size = lambda n: math.prod(shape_of(n))                  # noqa: E731
         if any(n.target == aten.mm.default for n in inside) and \
                 sum(size(x) for x in entering) < size(call.k) + size(call.v):
-            region |= inside
-    return frozenset(region)
+            region.update(dict.fromkeys(inside, attn))
+    return region
 
 
 def _one_head(n, ctx) -> bool:
