@@ -85,8 +85,7 @@ def _between(first):
 
 
 def _unary(n) -> bool:
-    return n is not None and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten" \
-        and len(n.args) == 1 and not n.kwargs and n.target in _ACTIVATIONS
+    return n is not None and n.target in _ACTIVATIONS and len(n.args) == 1 and not n.kwargs
 
 
 _ACTIVATIONS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default}

@@ -22,6 +22,7 @@ from sp_compiler.context import PLACEMENT, layer_of
 from sp_compiler.errors import module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import fmt, is_partial
+from sp_compiler.rules import ALIASES
 
 __all__ = ["insert_collectives"]
 
@@ -82,10 +83,6 @@ def insert_collectives(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     return gm
 
 
-_VIEWS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten.alias.default, aten.transpose.int,
-          aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.diagonal.default}
-
-
 def _ready(src, order):
     """The node after which ``src`` holds its final value: itself, or the last in-place write
     (``copy_``) into a view of it."""
@@ -97,7 +94,7 @@ def _ready(src, order):
                 continue
             if u.target == aten.copy_.default and u.args[0] is n:
                 last = max(last, u, key=order.get)
-            elif u.target in _VIEWS and u.args[0] is n:
+            elif u.target in ALIASES and u.args[0] is n:
                 todo.append(u)
     return last
 

@@ -36,7 +36,7 @@ from sp_compiler.collectives import Builder, all_gather_flat
 from sp_compiler.context import PLACEMENT, layer_of
 from sp_compiler.errors import ShardingError
 from sp_compiler.placements import Replicate, is_rank_local, is_shard
-from sp_compiler.rules import TRANSPARENT, shape_of
+from sp_compiler.rules import TRANSPARENT, kv_sources, shape_of
 
 aten = torch.ops.aten
 
@@ -228,7 +228,7 @@ def latent_cache_outputs(gm: torch.fx.GraphModule, caches: dict) -> frozenset:
     per token, against 2 x heads x head_dim for K/V), so a decode step reads them like any input.
     ``caches``: what :func:`cache_outputs` found, left out here."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
-    feeds = sdpa.kv_sources(gm.graph)
+    feeds = kv_sources(gm.graph)
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
     return frozenset(i for i, leaf in enumerate(leaves)
                      if i not in caches and leaf in feeds and len(shape_of(leaf) or ()) == 4)

@@ -29,7 +29,8 @@ from sp_compiler.context import PLACEMENT, Demand, block_of, layer_of
 from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
-from sp_compiler.rules import MADE, TRANSPARENT, UNIFORM, map_through, rule_for, shape_of, token_blocks, token_local_rule
+from sp_compiler.rules import (MADE, TRANSPARENT, UNIFORM, kv_sources, map_through, rule_for, shape_of, token_blocks,
+                               token_local_rule)
 
 __all__ = ["propagate", "placement_of"]
 
@@ -53,8 +54,9 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
-            latent = _region_entry(node, region)
-            entry = {**_layer_entry(node, ctx), **_sliced_block_entry(node, ctx), **latent}
+            latent = _whole_entry(node, region.get)
+            entry = {**_layer_entry(node, ctx), **_whole_entry(node, lambda n: block_of(n, ctx.sliced_blocks)),
+                     **latent}
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
             in_block = ctx.in_token_block(node)
             if not in_block:
@@ -122,7 +124,7 @@ def _latent_region(gm, ctx) -> dict:
     region = {}
     for attn in [n for n in gm.graph.nodes if sdpa.is_attention(n) and ctx.strategy_for(n).attention == "rows"]:
         layer = layer_of(attn)
-        feeds = {n for n in sdpa.kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
+        feeds = {n for n in kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
         roots = [n for n in feeds if _one_head(n, ctx)]
         inside, todo = set(), [u for r in roots for u in r.users]
         while todo:                                               # what the latent flows into, up to K and V
@@ -145,23 +147,15 @@ def _one_head(n, ctx) -> bool:
     return s is not None and len(s) == 4 and s[0] == ctx.batch and s[1] == 1 and s[2] == ctx.seq_len
 
 
-def _region_entry(node, region) -> dict:
-    """A node of the latent region reads what enters it (the latent) whole."""
-    if node not in region:
+def _whole_entry(node, group) -> dict:
+    """Nodes of a group that runs on the whole sequence (``group(node)`` is not None: an MoE block whose
+    experts are sliced, MLA's latent region) read what enters the group split by sequence whole; wants
+    on one tensor share one collective."""
+    g = group(node)
+    if g is None:
         return {}
     return {x: Replicate() for x in node.all_input_nodes
-            if x not in region and x.op == "call_function" and is_shard(placement_of(x))}
-
-
-def _sliced_block_entry(node, ctx) -> dict:
-    """A mixture-of-experts block whose experts are sliced routes all the tokens on every rank: what
-    enters it split by sequence is gathered where it enters (once: wants on one tensor share a
-    collective)."""
-    block = block_of(node, ctx.sliced_blocks)
-    if block is None:
-        return {}
-    return {x: Replicate() for x in node.all_input_nodes
-            if x.op == "call_function" and block_of(x, ctx.sliced_blocks) != block and is_shard(placement_of(x))}
+            if x.op == "call_function" and group(x) != g and is_shard(placement_of(x))}
 
 
 def _no_token_leak(node):

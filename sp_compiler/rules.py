@@ -34,7 +34,8 @@ aten = torch.ops.aten
 
 __all__ = [
     "Decision", "RULES", "RULES_BY_NAME", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for",
-    "map_through", "view_map", "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks", "token_local_rule",
+    "map_through", "view_map", "shape_of", "tensor_inputs", "attention_inputs", "kept_rows", "token_blocks",
+    "token_local_rule", "ALIASES", "kv_sources",
 ]
 
 
@@ -642,6 +643,37 @@ def _replicated_only_rule(node, ctx, P):
 # ----------------------------------------------------------------------------- attention
 
 ATTENTION_OPS = sdpa.OPS
+
+
+#: ops whose output may be a view of their input: a ``copy_`` into it writes the input
+ALIASES = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+                     aten.slice.Tensor, aten.select.int, aten.transpose.int, aten.permute.default,
+                     aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.diagonal.default})
+
+
+def _written_base(node):
+    """The tensor a ``copy_`` into ``node`` (a view, through ``ALIASES``) writes."""
+    while node.op == "call_function" and node.target in ALIASES:
+        node = node.args[0]
+    return node
+
+
+def kv_sources(graph, attention=None) -> set:
+    """Every node the K or V of ``attention`` (default: every attention node of ``graph``) is computed
+    from, the in-place writes into a tensor included (HF's MLA fills its keys' halves with ``copy_``)."""
+    writes = {}                                               # tensor -> the copy_ calls into views of it
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target == aten.copy_.default:
+            writes.setdefault(_written_base(n.args[0]), []).append(n)
+    attns = [attention] if attention is not None else [n for n in graph.nodes if sdpa.is_attention(n)]
+    todo = [x for a in attns for x in attention_inputs(a)[1:3]]
+    found = set()
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Node) and n not in found:
+            found.add(n)
+            todo += n.all_input_nodes + writes.get(n, [])
+    return found
 
 
 def attention_inputs(node):

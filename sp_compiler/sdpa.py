@@ -43,7 +43,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "OPS", "OUTPUT", "SdpaCall", "bind", "bind_args", "default_call", "to_args", "rebuild", "with_causal", "call",
-    "is_attention", "mask_arg", "lse_index", "kv_sources",
+    "is_attention", "mask_arg", "lse_index",
 ]
 
 OPS = frozenset({
@@ -63,31 +63,6 @@ _ALIASES = {"q": "query", "k": "key", "v": "value"}
 
 def is_attention(node) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in OPS
-
-
-def kv_sources(graph, attention=None) -> set:
-    """Every node the K or V of ``attention`` (default: every attention node of ``graph``) is computed
-    from, the in-place writes into a tensor included (HF's MLA fills its keys' halves with ``copy_``)."""
-    writes = {}                                               # tensor -> the copy_ calls into views of it
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target == aten.copy_.default:
-            base = n.args[0]
-            while base.op == "call_function" and base.target in _VIEWS:
-                base = base.args[0]
-            writes.setdefault(base, []).append(n)
-    todo = [x for a in ([attention] if attention is not None else [n for n in graph.nodes if is_attention(n)])
-            for x in (bind(a).k, bind(a).v)]
-    found = set()
-    while todo:
-        n = todo.pop()
-        if isinstance(n, Node) and n not in found:
-            found.add(n)
-            todo += n.all_input_nodes + writes.get(n, [])
-    return found
-
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor, aten.select.int,
-          aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default, aten.alias.default}
 
 
 def _schema(target):
