@@ -59,7 +59,8 @@ def _blame(name):
 
 
 def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -> torch.fx.GraphModule:
-    """The passes in order on ``gm`` (rewritten in place: hand a ``copy_graph`` to keep it)."""
+    """The passes in order on ``gm`` (rewritten in place: hand a ``copy_graph`` to keep it). Passes edit
+    ``gm.graph`` only; its Python code is generated once, at the end (0.25 s a time at 32 layers)."""
     for p in passes:
         with _blame(p.__name__):
             gm = p(gm, ctx)
@@ -67,4 +68,5 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -
         log.debug("after %s: %d nodes", p.__name__, len(gm.graph.nodes))
         if on_pass is not None:
             on_pass(p.__name__, gm)
+    gm.recompile()
     return gm

@@ -70,7 +70,6 @@ def causal_mask(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             sdpa.with_causal(node)
             log.debug("seqpar: %s: constant causal mask %s dropped", node.name, mask.name)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
     return gm
 
 

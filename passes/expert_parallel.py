@@ -41,7 +41,6 @@ def expert_parallel(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for first in [n for n in gm.graph.nodes if is_grouped_mm(n)]:
         if first not in done:                                      # not the second matmul of a pair
             done.add(_fuse(gm.graph, first, ctx))
-    gm.recompile()
     return gm
 
 

@@ -41,7 +41,6 @@ _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
 def grouped_kv(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
-    changed = False
     for node in gm.graph.nodes:
         if not sdpa.is_attention(node) or node.target not in GQA_KERNELS:
             continue
@@ -53,9 +52,6 @@ def grouped_kv(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         node.args, node.kwargs = args, kwargs
         for old in (call.k, call.v):
             _erase_unused(gm.graph, old, stop=(k, v))
-        changed = True
-    if changed:
-        gm.recompile()
     return gm
 
 

@@ -77,7 +77,6 @@ def localize(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             dim = dim % node.meta["val"][0].dim()
             if is_shard(src_p) and src_p.dim == dim:
                 node.args = (node.args[0], node.args[1] // N, *node.args[2:])
-    gm.recompile()
     return gm
 
 

@@ -15,13 +15,17 @@ counter on the next call, and this rank's slices are cut again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from sp_compiler.errors import SeqparError
+
+from .regions import lower_regions
 
 log = logging.getLogger("seqpar")
 
@@ -81,18 +85,15 @@ def check_local_shapes(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 def lower(gm: torch.fx.GraphModule, ctx):
     """A callable taking Dynamo's flat inputs (full weights) and returning the graph's outputs.
     A symbolic graph is lowered on fakes, so it stays symbolic (Inductor: one kernel for every length)."""
-    inputs = fake_inputs(ctx) if ctx.fakes is not None else local_example_inputs(ctx)
     how = ctx.options.lower
     with torch.no_grad():
-        if how == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-            with inductor_cpu_fixes():
-                compiled = compile_fx(gm, inputs)
-        elif how == "aot_eager":
-            from torch._dynamo.backends.debugging import aot_eager
-            compiled = aot_eager(gm, inputs)
-        else:
+        if how == "eager":
             compiled = gm
+        elif ctx.options.regional:
+            compiled, ctx.regions = lower_regions(gm, functools.partial(_lower_one, how))
+        else:
+            inputs = fake_inputs(ctx) if ctx.fakes is not None else local_example_inputs(ctx)
+            compiled = _lower_one(how, gm, inputs)
     sliced = {i: (ctx.full_inputs[i], ctx.full_inputs[i]._version) for i in ctx.local_inputs}
 
     def run(*args):
@@ -108,9 +109,19 @@ def lower(gm: torch.fx.GraphModule, ctx):
     return run
 
 
-class _FixesKey:
+def _lower_one(how: str, gm: torch.fx.GraphModule, inputs):
+    if how == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        with inductor_cpu_fixes():
+            return compile_fx(gm, inputs)
+    from torch._dynamo.backends.debugging import aot_eager
+    return aot_eager(gm, inputs)
+
+
+class _FixesKey(CustomGraphPass):
     """Puts ``inductor_cpu_fixes`` in the key of Inductor's FX graph cache (a no-op post-grad pass with a
-    uuid, the cache's hook for custom passes), so code generated before the fix is never reused."""
+    uuid, the cache's hook for custom passes), so code generated before the fix is never reused. It must
+    be a ``CustomGraphPass``: the FX graph and AOTAutograd caches bypass any other custom pass."""
 
     def __call__(self, graph):
         return None

@@ -77,7 +77,6 @@ def mask_blocks(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         spans = ctx.layout(rows).spans(ctx.rank) if whole is not m else [(0, rows)]
         prev = _split(gm, node, call, whole, spans, ctx, block, prev)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
     return gm
 
 

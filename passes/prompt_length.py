@@ -64,6 +64,5 @@ def prompt_length(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-    gm.recompile()
     refresh_vals(gm, ctx)                                # meta['val'] for the nodes this pass made
     return gm

@@ -57,7 +57,6 @@ def rows_attention(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         else:
             ctx.attention_work = {"kind": "mask (runtime)", "per_rank": None}
     gm.graph.eliminate_dead_code()
-    gm.recompile()
     return gm
 
 

@@ -84,7 +84,6 @@ def _repeat_grouped_kv(gm, attn, ctx) -> bool:
             wide = gm.graph.call_function(aten.repeat_interleave.self_int, (x, N // hkv, 1))
         wide.meta.update({key: val for key, val in x.meta.items() if key != "val"})
         attn.replace_input_with(x, wide)
-    gm.recompile()
     return True
 
 
@@ -178,4 +177,3 @@ def _widen(gm, attn, placeholders, ctx, hkv, H, D):
             size = list(n.args[1])
             size[1:3] = [N, H // N]
             n.args = (n.args[0], size)
-    gm.recompile()

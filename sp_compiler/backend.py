@@ -108,13 +108,15 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
                                 f"({mine / max(whole, 1):.1%} of the model's {whole})\n")
     _last_report[:] = ctx.collectives
     _last.update(gm=aten_gm, ctx=ctx, layout=layout)
-    _history.append({"strategy": opts.strategy, "batch": ctx.batch, "tokens": ctx.seq_len, "short": short,
-                     "kv": sorted({info.split for info in ctx.kv.values()}), "collectives": list(ctx.collectives)})
-    del _history[:-MAX_HISTORY]
     log.info("seqpar: %s%s on %d ranks, %.1f MiB of weights on this rank (%.0f%% of the model), collectives per "
              "layer:\n%s", opts.strategy, " (short call)" if short else "", world, mine / 2**20,
              100 * mine / max(whole, 1), layer_summary(ctx.collectives))
-    return Compiled(lower(aten_gm, ctx), ctx, layout, caches, fingerprint(ctx, opts))
+    run = lower(aten_gm, ctx)
+    _history.append({"strategy": opts.strategy, "batch": ctx.batch, "tokens": ctx.seq_len, "short": short,
+                     "kv": sorted({info.split for info in ctx.kv.values()}), "collectives": list(ctx.collectives),
+                     "regions": dict(ctx.regions)})
+    del _history[:-MAX_HISTORY]
+    return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
 
 
 def fingerprint(ctx, opts) -> Fingerprint:
@@ -616,7 +618,8 @@ def last_report() -> List[dict]:
 def compiled_graphs() -> List[dict]:
     """The graphs this process compiled, oldest first (the last ``MAX_HISTORY``): strategy, batch, tokens
     per call, whether it ran ``short_strategy`` (a decode step), how the KV cache it read was split, and
-    its collectives (as ``last_report``). A generation compiles a prefill graph and decode graphs."""
+    its collectives (as ``last_report``), and ``regions``: the pieces its graph was cut into and how many
+    of them were lowered (``passes/regions``). A generation compiles a prefill graph and decode graphs."""
     return [dict(h) for h in _history]
 
 

@@ -1,0 +1,93 @@
+"""Regional lowering (passes/regions.py): one lowered graph per distinct decoder layer.
+
+    depth          the graphs lowered do not grow with the layer count; the pieces do (one per layer)
+    per-layer      two strategies alternating: one more kind of layer, still flat in depth
+    same answer    regional and whole-graph lowering give the same logits on 2 gloo ranks
+    inspection     dumps and last_graph() still show every layer's collectives
+    warm start     Inductor's FX graph and AOTAutograd caches take seqpar's graphs (no bypass)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model, make_inputs
+from sp_compiler import backend
+from sp_compiler.testing import fake_process_group, run_ranks
+
+__all__ = []
+
+
+def _regions(layers: int, options: dict, family: str = "llama") -> dict:
+    torch._dynamo.reset()
+    model = build_model(family, layers=layers)
+    with torch.no_grad(), fake_process_group(2, 0):
+        compiled = torch.compile(model, backend="seqpar", options={"lower": "aot_eager", **options})
+        compiled(make_inputs(family, 1, 16))
+    return backend.compiled_graphs()[-1]["regions"]
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "megatron_sp", "vanilla_sp_zigzag"])
+def test_lowered_graphs_do_not_grow_with_depth(strategy):
+    shallow = _regions(2, {"strategy": strategy})
+    deep = _regions(6, {"strategy": strategy})
+    assert deep["pieces"] == shallow["pieces"] + 4                  # one piece per layer, plus what lies between
+    assert deep["lowered"] == shallow["lowered"] < deep["pieces"]
+
+
+def test_two_strategies_lower_one_more_kind_of_layer():
+    alternating = {"strategy": "ulysses", "layers": {"model.layers.1": "tp", "model.layers.3": "tp",
+                                                     "model.layers.5": "tp"}}
+    one = _regions(6, {"strategy": "ulysses"})
+    four = _regions(4, {**alternating, "layers": {"model.layers.1": "tp", "model.layers.3": "tp"}})
+    six = _regions(6, alternating)
+    assert six["lowered"] == four["lowered"] > one["lowered"]
+    assert six["pieces"] == one["pieces"]
+
+
+def test_whole_graph_lowering_is_one_graph():
+    assert _regions(4, {"strategy": "ulysses", "regional": False}) == {}
+
+
+def test_last_graph_keeps_every_layer():
+    _regions(4, {"strategy": "ulysses"})
+    gm, ctx = backend.last_graph()
+    layers = {r["layer"] for r in ctx.collectives if r.get("layer", "").startswith("model.layers.")}
+    assert layers == {f"model.layers.{i}" for i in range(4)}
+    assert sum(n.target is torch.ops._c10d_functional.all_to_all_single.default for n in gm.graph.nodes) == 4 * 2
+
+
+def _regional_against_whole():
+    model = build_model("qwen2", layers=3)
+    ids = make_inputs("qwen2", 2, 11)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0                                             # a padded row
+    out = {}
+    for regional in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="seqpar", options={"strategy": "megatron_sp_tp",
+                                                                    "lower": "aot_eager", "regional": regional})
+        with torch.no_grad():
+            out[regional] = compiled(ids, attention_mask=mask).logits
+    return out
+
+
+def test_regional_and_whole_lowering_agree_on_gloo():
+    for out in run_ranks(_regional_against_whole, 2, timeout=300):
+        torch.testing.assert_close(out[True], out[False], atol=0, rtol=0)
+
+
+def test_inductor_caches_take_seqpar_graphs(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES", raising=False)
+    counters.clear()
+    for _ in range(2):                       # the second compile finds the first one's graphs on disk
+        torch._dynamo.reset()
+        model = build_model("llama", layers=2)
+        with torch.no_grad(), fake_process_group(2, 0):
+            torch.compile(model, backend="seqpar", options={"strategy": "ulysses"})(make_inputs("llama", 1, 8))
+    inductor = counters["inductor"]
+    assert inductor["fxgraph_cache_bypass"] == 0 and counters["aot_autograd"]["autograd_cache_bypass"] == 0
+    assert inductor["fxgraph_cache_hit"] >= 2 or counters["aot_autograd"]["autograd_cache_hit"] >= 2
