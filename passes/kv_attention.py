@@ -27,8 +27,6 @@ decode step moves the same bytes whatever the context length.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from sp_compiler import sdpa

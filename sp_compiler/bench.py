@@ -29,34 +29,34 @@ default ``outputs="replicate"``, gathered to every rank
 - predicted ms: ``sp_compiler.plan.plan(..., call=PREFILL_CALL)`` on ``--machine`` for the same model,
   world, batch and length; the predicted and measured rankings of the strategies are compared.
 
-Results: :func:`run_bench` returns a dict (``bench.json``); :func:`format_table` is ``bench.md``;
-:func:`plot` draws ``bench.png`` (needs matplotlib: ``pip install -e '.[bench]'``).
+Results: :func:`run_bench` returns a dict (``bench.json``); ``bench_report.format_table`` is ``bench.md``;
+``bench_report.plot`` draws ``bench.png`` (needs matplotlib: ``pip install -e '.[bench]'``). The
+collectives are counted by ``counter.CollectiveCounter``; ``bench_generate`` times generations.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import statistics
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .agree import in_check
-from .errors import SeqparError, short_reason
+from .bench_report import format_table, kendall_tau, plot, rankings, write_outputs
+from .counter import CollectiveCounter
+from .errors import SeqparError
 
 __all__ = [
-    "BenchError", "BenchSpec", "DTYPES", "PREFILL_CALL", "REFERENCES", "EXTRAS", "CollectiveCounter", "collective_size",
-    "missing_extras", "resolve_machine", "truncated_config", "build_model", "input_ids", "predict", "bench_rank",
-    "run_bench", "rankings", "kendall_tau", "format_table", "plot", "write_outputs",
+    "BenchError", "BenchSpec", "DTYPES", "PREFILL_CALL", "REFERENCES", "EXTRAS", "missing_extras", "resolve_machine",
+    "truncated_config", "build_model", "input_ids", "predict", "bench_rank", "run_bench",
+    # bench_report's and counter's, for the CLI and the tests' one import
+    "format_table", "write_outputs", "plot", "rankings", "kendall_tau", "CollectiveCounter",
 ]
 
 log = logging.getLogger("seqpar")
@@ -69,8 +69,6 @@ REFERENCES = ("eager", "compile", "hf_tp")
 #: Python module -> pip package of the ``bench`` extra, and what needs it.
 EXTRAS = {"tqdm": "tqdm", "matplotlib": "matplotlib", "accelerate": "accelerate (for hf_tp)"}
 DTYPES = ("float32", "bfloat16", "float16")
-_OUTPUTS_NOTE = {"replicate": "every rank gets the whole KV cache; hf_tp keeps its cache split by heads",
-                 "local": "each rank keeps its own rows or heads of the KV cache, as hf_tp does"}
 _ONE_DEVICE_BACKEND = {"inductor": "inductor", "aot_eager": "aot_eager", "eager": "eager"}
 
 
@@ -126,111 +124,6 @@ class BenchSpec:
                              f"warmup={self.warmup} >= 0")
         return dataclasses.replace(self, strategies=strategies, references=tuple(self.references),
                                    seq_lens=tuple(int(s) for s in self.seq_lens))
-
-
-# ----------------------------------------------------------------------------- counting collectives
-
-# op name (in torch.ops._c10d_functional or torch.ops.c10d) -> (kind, where its NCCL-tests size is):
-# "arg0"/"arg1" the tensors of that argument, "out" the tensors the op returns. All-gathers count
-# what arrives (N x the input), the others what is sent: the sizes ``seqpar plan`` and dumps report.
-_SIZES = {
-    # functional collectives: compiled graphs (seqpar, Inductor) and DTensor
-    "all_reduce": ("all_reduce", "arg0"), "all_reduce_": ("all_reduce", "arg0"),
-    "all_reduce_coalesced": ("all_reduce", "arg0"), "all_reduce_coalesced_": ("all_reduce", "arg0"),
-    "all_gather_into_tensor": ("all_gather", "out"), "all_gather_into_tensor_out": ("all_gather", "out"),
-    "all_gather_into_tensor_coalesced": ("all_gather", "out"),
-    "reduce_scatter_tensor": ("reduce_scatter", "arg0"), "reduce_scatter_tensor_coalesced": ("reduce_scatter", "arg0"),
-    "all_to_all_single": ("all_to_all", "arg0"),
-    "broadcast": ("broadcast", "arg0"), "broadcast_": ("broadcast", "arg0"),
-    # c10d ops: torch.distributed's own calls (dist.all_reduce, ...), e.g. transformers' rowwise layers
-    "allreduce_": ("all_reduce", "arg0"), "allreduce_coalesced_": ("all_reduce", "arg0"),
-    "allgather_": ("all_gather", "arg0"), "_allgather_base_": ("all_gather", "arg0"),
-    "allgather_coalesced_": ("all_gather", "arg0"), "allgather_into_tensor_coalesced_": ("all_gather", "arg0"),
-    "reduce_scatter_": ("reduce_scatter", "arg1"), "_reduce_scatter_base_": ("reduce_scatter", "arg1"),
-    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", "arg1"),
-    "alltoall_": ("all_to_all", "arg1"), "alltoall_base_": ("all_to_all", "arg1"),
-}
-_NOT_COMMUNICATION = {"wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier_"}
-_NAMESPACES = ("_c10d_functional", "c10d")
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _tensor_bytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_tensor_bytes(t) for t in x)
-    return 0
-
-
-def collective_size(func, args, out) -> Optional[tuple]:
-    """(kind, bytes) of one dispatched collective op, None for an op that moves nothing (waits, other
-    namespaces); ("unknown:<name>", 0) for a communication op this table does not know."""
-    if func.namespace not in _NAMESPACES:
-        return None
-    name = func._schema.name.split("::")[-1]
-    if name in _NOT_COMMUNICATION:
-        return None
-    if name not in _SIZES:
-        return (f"unknown:{name}", 0)
-    kind, where = _SIZES[name]
-    source = out if where == "out" else args[int(where[-1])]
-    return kind, _tensor_bytes(source)
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Counts the collectives that run while it is active: calls and bytes per kind.
-
-        with CollectiveCounter() as c:
-            compiled(input_ids)
-        c.total_bytes, c.calls   # e.g. 98304, Counter({'all_reduce': 4, 'all_gather': 4})
-
-    It sees every op of ``torch.ops._c10d_functional`` (what seqpar's and Inductor's graphs and DTensor
-    call) and ``torch.ops.c10d`` (``torch.distributed``'s own calls). Compiled code runs under it
-    unchanged (``ignore_compile_internals``: Dynamo neither skips nor recompiles); a tensor subclass
-    (DTensor) handles its own ops with the counter still active, so the collectives of its implicit
-    redistributions count too. ``total_bytes`` is None when an op it does not know ran (``unknown``).
-    Collectives issued from C++ without the dispatcher (a custom kernel's own NCCL calls) are not seen.
-    seqpar's rank check before each call (``agree.check_ranks``) is counted apart, in ``checks``
-    (calls, bytes): it is not the model's communication.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter = Counter()
-        self.bytes: Counter = Counter()
-        self.checks = [0, 0]
-        self.unknown: set = set()
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t not in _PLAIN for t in types):
-            return NotImplemented            # the subclass runs the op; its collectives come back here
-        out = func(*args, **(kwargs or {}))
-        size = collective_size(func, args, out)
-        if size is not None:
-            kind, nbytes = size
-            if in_check():
-                self.checks[0] += 1
-                self.checks[1] += nbytes
-            elif kind.startswith("unknown:"):
-                self.unknown.add(kind.split(":", 1)[1])
-            else:
-                self.calls[kind] += 1
-                self.bytes[kind] += nbytes
-        return out
-
-    @property
-    def total_bytes(self) -> Optional[int]:
-        return None if self.unknown else sum(self.bytes.values())
-
-    def describe(self) -> str:
-        """'4 all_gather, 1 all_reduce' (or 'none'), then the rank checks if any ran."""
-        text = ", ".join(f"{n} {k}" for k, n in sorted(self.calls.items())) or "none"
-        return text + (f" (+ {self.checks[0]} rank check, {self.checks[1]} B)" if self.checks[0] else "")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -664,148 +557,3 @@ def _assemble(spec: BenchSpec, out: dict, wall_s: float) -> dict:
         for key in ("measured", "predicted"):
             row[f"{key}_rank"] = order[key].index(row["name"]) + 1 if row["name"] in order[key] else None
     return result
-
-
-# ----------------------------------------------------------------------------- reporting
-
-def kendall_tau(a: Sequence[str], b: Sequence[str]) -> Optional[float]:
-    """Kendall's tau between two orders of the same names: 1 same order, -1 reversed; None for < 2 names."""
-    names = [n for n in a if n in b]
-    if len(names) < 2:
-        return None
-    pos = {n: b.index(n) for n in names}
-    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    agree = sum(1 if pos[names[i]] < pos[names[j]] else -1 for i, j in pairs)
-    return agree / len(pairs)
-
-
-def rankings(result: dict) -> Dict[int, dict]:
-    """Per sequence length: strategies fastest first as measured (median) and as predicted, over the
-    strategies that both ran and were predicted; whether the fastest agrees; Kendall's tau."""
-    out = {}
-    for seq_len in result["meta"]["seq_lens"]:
-        rows = [r for r in result["rows"] if r["seq_len"] == seq_len and r["kind"] == "strategy" and r["ok"]]
-        both = [r for r in rows if r.get("predicted_ms") is not None]
-        measured = [r["name"] for r in sorted(both, key=lambda r: r["median_ms"])]
-        predicted = [r["name"] for r in sorted(both, key=lambda r: r["predicted_ms"])]
-        out[seq_len] = {"measured": measured, "predicted": predicted,
-                        "same_fastest": bool(measured) and measured[0] == predicted[0],
-                        "kendall_tau": kendall_tau(measured, predicted)}
-    return out
-
-
-def _mib(n) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.2f}"
-
-
-def _cell(row: dict) -> list:
-    """One table row, in :func:`format_table`'s column order."""
-
-    pred = "" if row["kind"] != "strategy" else (
-        f"{row['predicted_ms']:,.1f}" if row.get("predicted_ms") is not None
-        else short_reason(row["predicted_error"], 40) if row.get("predicted_error") else "n/a")
-    if not row["ok"]:
-        return [row["seq_len"], row["name"], f"failed: {row['error'][:150]}", "", pred] + [""] * 6
-    rank = "" if row.get("measured_rank") is None else f"{row['measured_rank']} / {row['predicted_rank']}"
-    comm = _mib(row["bytes"]) if row["bytes"] is not None else "n/a (" + ", ".join(row["unknown_ops"]) + ")"
-    compile_s = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
-    return [row["seq_len"], row["name"], f"{row['median_ms']:,.1f}", f"{row['min_ms']:,.1f}-{row['max_ms']:,.1f}",
-            pred, rank, comm, row["collectives_text"], f"{row['max_abs_diff']:.1e}", compile_s,
-            f"{max(row['peak_bytes_per_rank']) / 2**20:,.0f}"]
-
-
-def _load_text(meta: dict) -> str:
-    load = meta.get("load_average")
-    return "" if not load else (f"; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
-                                f"(on {meta.get('cpus')} CPUs)")
-
-
-def format_table(result: dict) -> str:
-    """bench.md: what was run, one markdown table row per (length, run), and the rankings per length."""
-    from tabulate import tabulate
-
-    if result["meta"].get("generate"):
-        from .bench_generate import format_generation_table
-
-        return format_generation_table(result)
-    m, c = result["meta"], result["meta"]["config"]
-    machine = m["machine"]
-    pred = (f"predicted ms: the cost model on {machine['name']} ({machine['dtype']})" if machine
-            else "predicted ms: none (--machine none)")
-    mem = ("peak MiB / rank (max over ranks; allocated during the run)" if m["backend"] == "nccl"
-           else "peak RSS MiB / rank (max over ranks; during the run)")
-    head = (f"{c['model_type']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-            f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}; "
-            f"{m['dtype']}, batch {m['batch']}; {m['world']} ranks ({m['backend']}, {m['device']}, "
-            f"{m['threads_per_rank']} thread(s) per rank); seqpar lower={m['lower']}, outputs={m['outputs']} "
-            f"({_OUTPUTS_NOTE[m['outputs']]}).\n"
-            f"Timed: `{m['call']}`: median (and min-max) of {m['runs']} runs after the compiling call and "
-            f"{m['warmup']} warm-up, each the slowest rank's time. eager, compile: one device (rank 0 alone). "
-            f"compile s = first call - median call. MiB / forward: per rank, counted from the collectives that "
-            f"ran. max abs diff: last-token logits against eager, over ranks. {pred}; rank: measured / predicted "
-            f"among the strategies. The whole bench took {m['wall_s']:.0f} s{_load_text(m)}.")
-    headers = ["seq", "run", "median ms", "min-max ms", "predicted ms", "rank", "MiB / forward",
-               "collectives / forward", "max abs diff", "compile s", mem]
-    table = tabulate([_cell(r) for r in result["rows"]], headers=headers, tablefmt="github", disable_numparse=True)
-    lines = [f"# seqpar bench: {m['model']}", "", head, "", table, ""]
-    for seq_len, r in result["rankings"].items():
-        tau = "" if r["kendall_tau"] is None else f", Kendall tau {r['kendall_tau']:+.2f}"
-        lines.append(f"- S={seq_len}: measured {' < '.join(r['measured']) or 'n/a'}; predicted "
-                     f"{' < '.join(r['predicted']) or 'n/a'}; same fastest: "
-                     f"{'yes' if r['same_fastest'] else 'no'}{tau}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: str) -> str:
-    """bench.png: median ms (bars: min-max) against sequence length, one line per run (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(dict.fromkeys(r["name"] for r in result["rows"]))
-    for name in names:
-        rows = sorted((r for r in result["rows"] if r["name"] == name and r["ok"]), key=lambda r: r["seq_len"])
-        if not rows:
-            continue
-        x = [r["seq_len"] for r in rows]
-        y = [r["median_ms"] for r in rows]
-        err = [[r["median_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["median_ms"] for r in rows]]
-        style = "--" if rows[0]["kind"] == "reference" else "-"
-        ax.errorbar(x, y, yerr=err, fmt=style + "o", capsize=3, label=name)
-    m = result["meta"]
-    if len(m["seq_lens"]) > 1:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-    ax.set_xticks(m["seq_lens"], [str(s) for s in m["seq_lens"]])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("time to first token, ms (median; bars min-max)" if m.get("generate")
-                  else "prefill ms (median; bars min-max)")
-    ax.set_title(f"{m['model']}, {m['config']['num_hidden_layers']} layers, {m['world']} ranks ({m['backend']}), "
-                 f"{m['dtype']}, lower={m['lower']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(result: dict, out_dir: str) -> List[str]:
-    """Write bench.json, bench.md and (when matplotlib is installed) bench.png into ``out_dir``; their paths."""
-    import importlib.util
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md")]
-    with open(paths[0], "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(paths[1], "w") as f:
-        f.write(format_table(result))
-    if importlib.util.find_spec("matplotlib") is not None:
-        paths.append(plot(result, os.path.join(out_dir, "bench.png")))
-    else:
-        log.warning("seqpar bench: matplotlib is not installed, no bench.png (pip install -e '.[bench]')")
-    return paths

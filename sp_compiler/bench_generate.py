@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["GENERATE_CALL", "TokenClock", "generate_call", "measure_generation", "generation_summary",
-           "format_generation_table"]
+__all__ = ["GENERATE_CALL", "TokenClock", "generate_call", "measure_generation", "generation_summary"]
 
 #: ``generate`` keyword arguments besides ``max_new_tokens`` / ``min_new_tokens``: HF's defaults, greedy.
 GENERATE_CALL = {"do_sample": False}
@@ -65,7 +64,8 @@ def measure_generation(make, spec, dev, ranks: bool) -> dict:
     """Build the generation (``make()``), run it once (it compiles), warm up, time ``spec.runs`` runs
     (TTFT and TPOT, the slowest rank's when ``ranks``), count one more run's collectives."""
     from . import backend
-    from .bench import CollectiveCounter, _peak_bytes, _reduce, _reset_peak, _sync
+    from .bench import _peak_bytes, _reduce, _reset_peak, _sync
+    from .counter import CollectiveCounter
 
     _reset_peak(dev)
     compiles = backend.compile_count()
@@ -120,41 +120,6 @@ def generation_summary(m: dict, ref_tokens: Optional[torch.Tensor], dev, ranks: 
         "collectives_text": m["counter"].describe(), "unknown_ops": sorted(m["counter"].unknown),
         "peak_bytes_per_rank": peaks,
     }
-
-
-def _cell(row: dict) -> list:
-    if not row["ok"]:
-        return [row["seq_len"], row["name"], f"failed: {row['error'][:150]}"] + [""] * 6
-    mib = "n/a" if row["bytes"] is None else f"{row['bytes'] / 2**20:,.2f}"
-    compile_s = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
-    return [row["seq_len"], row["name"], f"{row['ttft_ms']:,.1f} ({row['ttft_min_ms']:,.1f}-{row['ttft_max_ms']:,.1f})",
-            f"{row['tpot_ms']:,.2f} ({row['tpot_min_ms']:,.2f}-{row['tpot_max_ms']:,.2f})",
-            "yes" if row["tokens_same"] else "NO", mib, row["collectives_text"], compile_s,
-            f"{max(row['peak_bytes_per_rank']) / 2**20:,.0f}"]
-
-
-def format_generation_table(result: dict) -> str:
-    """bench.md of ``--generate``: one markdown row per (length, run)."""
-    from tabulate import tabulate
-
-    from .bench import _OUTPUTS_NOTE, _load_text
-
-    m, c = result["meta"], result["meta"]["config"]
-    mem = ("peak MiB / rank (allocated)" if m["backend"] == "nccl" else "peak RSS MiB / rank (during the run)")
-    head = (f"{c['model_type']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-            f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}; "
-            f"{m['dtype']}, batch {m['batch']}; {m['world']} ranks ({m['backend']}, {m['device']}, "
-            f"{m['threads_per_rank']} thread(s) per rank); seqpar lower={m['lower']}, outputs={m['outputs']} "
-            f"({_OUTPUTS_NOTE[m['outputs']]}).\n"
-            f"Timed: `{m['call']}`: median (min-max) of {m['runs']} generations after the compiling one and "
-            f"{m['warmup']} warm-up, each the slowest rank's. TTFT: prompt to first new token; ms / token: mean gap "
-            f"between later tokens (the decode steps). eager, compile: one device (rank 0 alone). MiB / generation: "
-            f"per rank, counted from the collectives that ran. The whole bench took {m['wall_s']:.0f} s"
-            f"{_load_text(m)}.")
-    headers = ["seq", "run", "TTFT ms", "ms / token", "tokens = eager", "MiB / generation", "collectives / generation",
-               "compile s", mem]
-    table = tabulate([_cell(r) for r in result["rows"]], headers=headers, tablefmt="github", disable_numparse=True)
-    return "\n".join([f"# seqpar bench --generate {m['generate']}: {m['model']}", "", head, "", table, ""])
 
 
 def _uncompiled(model):

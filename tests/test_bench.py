@@ -155,7 +155,7 @@ def test_missing_extras_name_the_install_command(monkeypatch, capsys):
 def test_generate_mode_times_tokens_and_counts_decode_bytes():
     """--generate: one tiny generation per run; every rank's tokens equal eager's; under outputs="local" a
     generation's bytes are the prefill's plus, per decode step and layer, one all_gather of (out | lse)."""
-    from sp_compiler.bench_generate import format_generation_table
+    from sp_compiler.bench_report import format_generation_table
 
     K, S = 3, 64
     spec = BenchSpec(model="tiny", config=tiny_config(), seq_lens=(S,), world=2, strategies=("ulysses",),

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from sp_compiler.placements import (
-    Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, is_shard, split_factor,
+    Partial, Replicate, Shard, _StridedShard, is_partial, is_replicate, split_factor,
 )
 from sp_compiler.testing import RankError, run_ranks
 
