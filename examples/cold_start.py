@@ -6,7 +6,7 @@ it, time its first call (Dynamo, seqpar's capture and passes, lowering, the run)
 
     python examples/cold_start.py --layers 4,32
 
-Rows: plain torch.compile; seqpar with ``regional=False`` (the whole graph lowered at once); seqpar
+Rows: plain torch.compile; seqpar with ``regional="none"`` (the whole graph lowered at once); seqpar
 (one lowering per distinct decoder layer, passes/regions.py); seqpar warm: a second process with the
 same model and options, after a first one filled an empty cache directory.
 """
@@ -44,7 +44,7 @@ def first_call(layers: int, mode: str, world: int, strategy: str) -> dict:
             model(ids)
             return {"seconds": time.perf_counter() - t0}
         with fake_process_group(world, 0):
-            model.compile(backend="seqpar", options={"strategy": strategy, "regional": mode != "whole"})
+            model.compile(backend="seqpar", options={"strategy": strategy, "regional": "none" if mode == "whole" else "prefill"})
             model(ids)
     seconds = time.perf_counter() - t0
     regions = backend.compiled_graphs()[-1]["regions"]
@@ -77,12 +77,12 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     depths = [int(x) for x in args.layers.split(",")]
-    rows = {"plain torch.compile (one process)": [], "seqpar, regional=False": [], "seqpar (regional)": [],
+    rows = {"plain torch.compile (one process)": [], "seqpar, regional=none": [], "seqpar (regional)": [],
             "seqpar warm (second process)": []}
     for layers in depths:
         cell = lambda mode, cache=None: _cell(layers, mode, args.world_size, args.strategy, cache)  # noqa: E731
         rows["plain torch.compile (one process)"].append(f"{cell('plain')['seconds']:.1f}")
-        rows["seqpar, regional=False"].append(f"{cell('whole')['seconds']:.1f}")
+        rows["seqpar, regional=none"].append(f"{cell('whole')['seconds']:.1f}")
         cold = cell("regional")
         rows["seqpar (regional)"].append(f"{cold['seconds']:.1f} ({cold['lowered']} lowered)")
         with tempfile.TemporaryDirectory() as cache:

@@ -84,12 +84,15 @@ def check_local_shapes(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 
 def lower(gm: torch.fx.GraphModule, ctx):
     """A callable taking Dynamo's flat inputs (full weights) and returning the graph's outputs.
-    A symbolic graph is lowered on fakes, so it stays symbolic (Inductor: one kernel for every length)."""
+    A symbolic graph is lowered on fakes, so it stays symbolic (Inductor: one kernel for every length).
+    A prefill graph is lowered per distinct decoder layer (``passes/regions``); a graph that reads a KV
+    cache (a decode step) whole, unless ``regional="all"``: each lowered piece costs about 0.2 ms a
+    call on CPU, 2.3 ms a token on an 8-layer model, where the whole decode step takes 3.3 ms."""
     how = ctx.options.lower
     with torch.no_grad():
         if how == "eager":
             compiled = gm
-        elif ctx.options.regional:
+        elif ctx.options.regional == "all" or (ctx.options.regional == "prefill" and not ctx.reads_cache):
             compiled, ctx.regions = lower_regions(gm, functools.partial(_lower_one, how))
         else:
             inputs = fake_inputs(ctx) if ctx.fakes is not None else local_example_inputs(ctx)

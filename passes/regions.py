@@ -18,7 +18,9 @@ inserted (collectives, their waits) have no module and stay with the nodes befor
 collective issued in one piece and waited on in the next crosses the boundary as its functional
 result, which ``wait_tensor`` finds in the functional collectives' registry, as in eager mode.
 The cost: no Inductor fusion across a layer boundary (a residual add and the next layer's norm
-are two kernels instead of one), as in ``torch.compile``'s own regional compilation.
+are two kernels instead of one), as in ``torch.compile``'s own regional compilation, and about
+0.2 ms per piece per call on CPU (the lowered callables' wrappers): ``lower`` cuts prefills only,
+unless ``regional="all"``.
 """
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     ctx = PassContext(opts, world, rank, group, list(example_inputs), list(fqns), real_len=real_len, short=short,
                       fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}),
                       one_in_flight=group is not None and dist.get_backend() == "gloo",
-                      whole_outputs=latent_cache_outputs(captured, caches))
+                      whole_outputs=latent_cache_outputs(captured, caches),
+                      reads_cache=reads_kv_cache(gm, example_inputs))
     aten_gm = run_pipeline(captured, ctx, on_pass=dumper.on_pass)
     _compiles[0] += 1
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"

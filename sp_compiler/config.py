@@ -8,12 +8,13 @@ from typing import Mapping, Optional
 from .errors import OptionsError
 from .strategies import STRATEGIES, LayerPlan
 
-__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS", "OUTPUTS", "BUCKET_MODES"]
+__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS", "OUTPUTS", "BUCKET_MODES", "REGIONAL"]
 
 STRATEGY_NAMES = tuple(STRATEGIES) + ("auto",)
 LOWERINGS = ("inductor", "aot_eager", "eager")
 OUTPUTS = ("replicate", "local")
 BUCKET_MODES = ("auto", "exact")
+REGIONAL = ("prefill", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Options:
     check_ranks: bool = True            # one small all_gather per call: ranks that disagree raise (agree.py)
     checkpoint: Optional[str] = None    # safetensors directory: parameters are stand-ins, read per rank (checkpoint.py)
     expert_parallel: bool = False       # each rank holds E/N of every MoE layer's experts (experts.py)
-    regional: bool = True               # lower one graph per distinct decoder layer (passes/regions.py)
+    regional: str = "prefill"           # which graphs lower once per distinct decoder layer (passes/regions.py)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -50,9 +51,10 @@ class Options:
                                f"a list of positive prompt lengths, e.g. [1024, 2048, 4096]")
         if not isinstance(opts.expert_parallel, bool):
             raise OptionsError(f"expert_parallel={opts.expert_parallel!r} is not valid; choose False (default) or True")
-        if not isinstance(opts.regional, bool):
-            raise OptionsError(f"regional={opts.regional!r} is not valid; choose True (default: one lowering per "
-                               f"distinct decoder layer) or False (the whole graph at once)")
+        if opts.regional not in REGIONAL:
+            raise OptionsError(f"regional={opts.regional!r} is not valid; choose one of {list(REGIONAL)}: which "
+                               f"graphs are lowered once per distinct decoder layer (prefill: those that read no "
+                               f"KV cache; decode steps are lowered whole)")
         if not isinstance(opts.check_ranks, bool):
             raise OptionsError(f"check_ranks={opts.check_ranks!r} is not valid; choose True (default) or False")
         if opts.checkpoint is not None and not (isinstance(opts.checkpoint, (str, os.PathLike))

@@ -71,6 +71,7 @@ class PassContext:
     one_in_flight: bool = False                   # gloo: wait each collective before the next (passes/one_in_flight)
     token_blocks: frozenset = frozenset()         # mixture-of-experts blocks run token-local, set by propagate
     sliced_blocks: frozenset = frozenset()        # ... and those whose experts a TP layout slices
+    reads_cache: bool = False                     # a decode step or follow-up prefill: the graph reads a KV cache
     regions: Dict[str, int] = field(default_factory=dict)                 # set by lower: graph pieces, how many lowered
 
     def __post_init__(self):

@@ -55,7 +55,21 @@ def test_two_strategies_lower_one_more_kind_of_layer():
 
 
 def test_whole_graph_lowering_is_one_graph():
-    assert _regions(4, {"strategy": "ulysses", "regional": False}) == {}
+    assert _regions(4, {"strategy": "ulysses", "regional": "none"}) == {}
+
+
+def test_decode_steps_are_lowered_whole_unless_all():
+    """A decode step pays about 0.2 ms per lowered piece per token: by default only prefills are cut."""
+    for regional, decode_pieces in (("prefill", set()), ("all", {6})):
+        torch._dynamo.reset()
+        model = build_model("llama", layers=4)
+        before = len(backend.compiled_graphs())
+        with torch.no_grad(), fake_process_group(2, 0):
+            model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "aot_eager", "regional": regional})
+            model.generate(make_inputs("llama", 1, 8), max_new_tokens=3, do_sample=False)
+        graphs = backend.compiled_graphs()[before:]
+        assert graphs[0]["regions"] == {"pieces": 6, "lowered": 3}                # the prefill
+        assert len(graphs) > 1 and {g["regions"].get("pieces") for g in graphs[1:]} == (decode_pieces or {None})
 
 
 def test_last_graph_keeps_every_layer():
@@ -73,7 +87,7 @@ def _regional_against_whole():
     mask = torch.ones_like(ids)
     mask[1, :4] = 0                                             # a padded row
     out = {}
-    for regional in (True, False):
+    for regional in ("prefill", "none"):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="seqpar", options={"strategy": "megatron_sp_tp",
                                                                     "lower": "aot_eager", "regional": regional})
@@ -84,7 +98,7 @@ def _regional_against_whole():
 
 def test_regional_and_whole_lowering_agree_on_gloo():
     for out in run_ranks(_regional_against_whole, 2, timeout=300):
-        torch.testing.assert_close(out[True], out[False], atol=0, rtol=0)
+        torch.testing.assert_close(out["prefill"], out["none"], atol=0, rtol=0)
 
 
 def test_inductor_caches_take_seqpar_graphs(tmp_path, monkeypatch):
@@ -97,7 +111,7 @@ def test_inductor_caches_take_seqpar_graphs(tmp_path, monkeypatch):
         torch._dynamo.reset()
         model = build_model("llama", layers=2)
         with torch.no_grad(), fake_process_group(2, 0):
-            torch.compile(model, backend="seqpar", options={"strategy": "ulysses", "regional": False})(
+            torch.compile(model, backend="seqpar", options={"strategy": "ulysses", "regional": "none"})(
                 make_inputs("llama", 1, 8))                     # one graph: the caches' verdict is per graph
     inductor = counters["inductor"]
     assert inductor["fxgraph_cache_bypass"] == 0 and counters["aot_autograd"]["autograd_cache_bypass"] == 0
