@@ -12,6 +12,8 @@
         vocab    embedding, lm_head [V, H] -> S(0) (a vocabulary N does not divide stays whole)
         fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
     expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
+    MLA's kv_b_proj [H*(nope+v), r] under ulysses, where the latent is moved -> S(0): whole heads per
+                                                     rank (passes/latent)
 
 Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and
 passed in place of the full ones on every call (``ctx.local_inputs``). Parameters that are
@@ -30,6 +32,8 @@ from sp_compiler.errors import InputError, ShapeConstraintError, module_path
 from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_tensor
 from sp_compiler.strategies import layer_path, param_role
 
+from .latent import latent_region, latent_weights
+
 aten = torch.ops.aten
 
 #: the fused experts' weights (HF's Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), split by expert under
@@ -40,12 +44,19 @@ __all__ = ["annotate", "shard_tensor", "token_input"]
 
 
 def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+    tokens = token_input(gm)
+    if tokens is None:
+        raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
+                         "inputs_embeds is not supported. Fix: call the model with input_ids")
+    ctx.batch, ctx.seq_len = tokens.meta["val"].shape[:2]
+    ctx.latent_region = latent_region(gm, ctx)
+    by_heads = latent_weights(ctx.latent_region, ctx)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, node in enumerate(placeholders):
         if i in ctx.kv:
             node.meta[PLACEMENT] = RankLocal() if ctx.kv[i].split == "seq" else Shard(1)
             continue
-        p = node.meta[PLACEMENT] = _placement(node, ctx.input_fqns[i], ctx)
+        p = node.meta[PLACEMENT] = Shard(0) if node in by_heads else _placement(node, ctx.input_fqns[i], ctx)
         piece = _piece(ctx, i, p)
         if piece is not None:
             ctx.local_inputs[i] = piece
@@ -53,11 +64,6 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
             ctx.sliced[i] = p
     ctx.options.plan.check(layer_path(module_path(n)) for n in gm.graph.nodes
                            if n.op == "call_function" and layer_path(module_path(n)))
-    tokens = token_input(gm)
-    if tokens is None:
-        raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
-                         "inputs_embeds is not supported. Fix: call the model with input_ids")
-    ctx.batch, ctx.seq_len = tokens.meta["val"].shape[:2]
     return gm
 
 

@@ -19,18 +19,14 @@ strategy slices (tp, megatron_sp) runs on all the tokens instead, as transformer
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.fx import Node
 
-from sp_compiler import sdpa
-from sp_compiler.context import PLACEMENT, Demand, block_of, layer_of
+from sp_compiler.context import PLACEMENT, Demand, block_of
 from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
-from sp_compiler.rules import (MADE, TRANSPARENT, UNIFORM, kv_sources, map_through, rule_for, shape_of, token_blocks,
-                               token_local_rule)
+from sp_compiler.rules import MADE, TRANSPARENT, UNIFORM, map_through, rule_for, shape_of, token_blocks, token_local_rule
 
 __all__ = ["propagate", "placement_of"]
 
@@ -45,7 +41,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
     ctx.sliced_blocks = frozenset(b for b in blocks if ctx.strategy_at(layer_path(b)).mlp_weights == "tp")
     ctx.token_blocks = blocks - ctx.sliced_blocks
-    region = _latent_region(gm, ctx)
+    region = ctx.latent_region
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             node.meta[PLACEMENT] = Replicate()
@@ -109,44 +105,6 @@ def _layer_entry(node, ctx) -> dict:
     return entry
 
 
-def _latent_region(gm, ctx) -> dict:
-    """MLA under a layout that attends its own query rows against all keys (vanilla_sp, zig-zag): the
-    nodes that expand the compressed latent (HF views it as one head, [B, 1, S, kv_lora_rank], and the
-    rope keys [B, 1, S, rope]) into the attention's K and V run on the whole sequence on every rank, so
-    the latent is gathered instead of K and V, where that is fewer bytes:
-
-        latent: S(2) -> all_gather -> kv_b_proj, split, expand, [k_nope | k_rope], pad -> K, V: R
-        (was: latent: S(2) -> kv_b_proj ... -> K, V: S(2) -> all_gather of K | V)
-
-    kv_b_proj then runs on S rows on every rank instead of S/N: DeepSeek-V3 moves 576 values a token
-    instead of 128 heads x (192 + 128). {node: its attention}: what enters one attention's region is
-    gathered in one packed call."""
-    region = {}
-    for attn in [n for n in gm.graph.nodes if sdpa.is_attention(n) and ctx.strategy_for(n).attention == "rows"]:
-        layer = layer_of(attn)
-        feeds = {n for n in kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
-        roots = [n for n in feeds if _one_head(n, ctx)]
-        inside, todo = set(), [u for r in roots for u in r.users]
-        while todo:                                               # what the latent flows into, up to K and V
-            n = todo.pop()
-            if n in feeds and n not in inside:
-                inside.add(n)
-                todo += list(n.users)
-        entering = {x for n in inside for x in n.all_input_nodes if x not in inside and x.op == "call_function"
-                    and ctx.seq_len in (shape_of(x) or ())}                # not the weights
-        call = sdpa.bind(attn)
-        size = lambda n: math.prod(shape_of(n))                  # noqa: E731
-        if any(n.target == aten.mm.default for n in inside) and \
-                sum(size(x) for x in entering) < size(call.k) + size(call.v):
-            region.update(dict.fromkeys(inside, attn))
-    return region
-
-
-def _one_head(n, ctx) -> bool:
-    s = shape_of(n)
-    return s is not None and len(s) == 4 and s[0] == ctx.batch and s[1] == 1 and s[2] == ctx.seq_len
-
-
 def _whole_entry(node, group) -> dict:
     """Nodes of a group that runs on the whole sequence (``group(node)`` is not None: an MoE block whose
     experts are sliced, MLA's latent region) read what enters the group split by sequence whole; wants
@@ -155,7 +113,15 @@ def _whole_entry(node, group) -> dict:
     if g is None:
         return {}
     return {x: Replicate() for x in node.all_input_nodes
-            if x.op == "call_function" and group(x) != g and is_shard(placement_of(x))}
+            if x.op == "call_function" and group(x) != g and is_shard(placement_of(x)) and not _a_weight(x)}
+
+
+def _a_weight(x) -> bool:
+    """A view of a graph input (``t(kv_b_proj.weight)``): a weight the group reads as sliced, not a tensor
+    that enters it split by sequence."""
+    while x.op == "call_function" and len(x.all_input_nodes) == 1 and x.target in TRANSPARENT:
+        x = x.all_input_nodes[0]
+    return x.op == "placeholder"
 
 
 def _no_token_leak(node):

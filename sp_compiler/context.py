@@ -62,6 +62,7 @@ class PassContext:
     attention_work: Optional[dict] = None                                 # rows attention: work per rank
     outputs: List[tuple] = field(default_factory=list)                    # per graph output: (placement, global shape)
     whole_outputs: frozenset = frozenset()        # outputs returned whole even with outputs="local" (MLA's latent cache)
+    latent_region: Dict[object, object] = field(default_factory=dict)    # MLA: node -> its attention (passes/latent)
     real_len: bool = False                                                # bucketed: the graph takes the prompt length
     short: bool = False                                                   # fewer tokens than chunks: short_strategy
     fakes: Optional[list] = None                  # per placeholder: its (symbolic) fake value, for symbolic graphs

@@ -596,12 +596,14 @@ def _pad_rule(node, ctx, P):
 def _copy_rule(node, ctx, P):
     """copy_(dst, src) writes src into dst, a view of a tensor made empty (HF's MLA fills the [nope | rope]
     halves of its keys so): dst takes src's placement. The want travels up the view to the empty tensor,
-    which ``propagate`` then makes at the local shape (a slice of it would take the write, not it)."""
+    which ``propagate`` then makes at the local shape (a slice of it would take the write, not it). A
+    destination already split (the second half written, after the first made the tensor local) takes a
+    whole source as its piece: a local slice."""
     dst, src = node.args[0], node.args[1]
-    p = P(src)
-    if is_partial(p):
-        return Decision(P(dst), {src: P(dst)})
-    return Decision(p, {dst: p} if P(dst) != p else {})
+    p, d = P(src), P(dst)
+    if is_partial(p) or (is_replicate(p) and is_shard(d)):
+        return Decision(d, {src: d})
+    return Decision(p, {dst: p} if d != p else {})
 
 
 def _getitem_rule(node, ctx, P):

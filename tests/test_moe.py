@@ -80,23 +80,32 @@ def test_an_moe_layer_moves_what_a_dense_layer_moves(strategy, family):
         assert kinds == PER_LAYER[strategy], (layer, kinds, report)
 
 
-@pytest.mark.parametrize("strategy, kinds", [("ulysses", {"all_to_all": 2}), ("vanilla_sp", {"all_gather": 1}),
+@pytest.mark.parametrize("strategy, kinds", [("ulysses", {"all_to_all": 2, "all_gather": 1}),
+                                             ("vanilla_sp", {"all_gather": 1}),
                                              ("vanilla_sp_zigzag", {"all_gather": 1}), ("tp", {"all_reduce": 2})])
 def test_mla_attention_is_split(strategy, kinds):
     """DeepSeek-V3's MLA, values narrower than keys (v 8, q/k 16): traced on zero-padded values
     (``passes/capture``), attention is one fused op and splits by heads or rows as any attention does,
     never run whole on every rank (which needs no collective in the layer but an all_gather of q, k, v).
-    Under the rows layouts the compressed latent is gathered, not K and V: one all_gather of the latent
-    [B, L, kv_lora_rank] packed with the rope keys [B, L, rope] (L: the rows a rank sends, 7 of 13, or
-    under zig-zag 2 chunks padded to the largest of 4 chunks, 8), where K | V would be [B, 4, L, 16 + 8]."""
-    gm, _, report = _transform("deepseek_v3", strategy)
+    Under the rows layouts and ulysses the compressed latent is gathered, not K and V: one all_gather of
+    the latent [B, L, kv_lora_rank] packed with the rope keys [B, L, rope] (L: the rows a rank sends, 7
+    of 13, or under zig-zag 2 chunks padded to the largest of 4 chunks, 8), where the rows layouts would
+    gather K | V, [B, 4, L, 16 + 16] (v padded), and ulysses would send half of it by all_to_all. Under
+    ulysses a rank then expands the whole latent into its own 2 of the 4 heads: kv_b_proj
+    [4 x (8 + 8), 32] sliced by output features; q and the output still travel by all_to_all."""
+    gm, ctx, report = _transform("deepseek_v3", strategy)
+    latent, rope, L = 32, 8, (8 if strategy == "vanilla_sp_zigzag" else 7)
     for layer in ("model.layers.0", "model.layers.1"):                 # dense, then MoE
         rows = [r for r in report if r["layer"] == layer]
         assert Counter(r["kind"] for r in rows) == kinds, (layer, report)
-        if strategy.startswith("vanilla"):
-            latent, rope, L = 32, 8, (8 if strategy == "vanilla_sp_zigzag" else 7)
-            assert [r["bytes"] for r in rows] == [2 * B * L * (latent + rope) * 4], rows
-            assert sum(r["bytes"] for r in rows) < 2 * B * 4 * L * (16 + 8) * 4
+        gathered = [r["bytes"] for r in rows if r["kind"] == "all_gather"]
+        if strategy != "tp":
+            assert gathered == [2 * B * L * (latent + rope) * 4], rows
+            assert gathered[0] < 2 * B * 4 * L * (16 + 16) * 4 / (2 if strategy == "ulysses" else 1)
+    sliced = {ctx.input_fqns[i]: tuple(ctx.local_inputs[i].shape) for i in ctx.sliced}
+    kv_b = {k: v for k, v in sliced.items() if k.endswith("kv_b_proj.weight")}
+    assert kv_b == ({f"model.layers.{i}.self_attn.kv_b_proj.weight": (2 * (8 + 8), latent) for i in (0, 1)}
+                    if strategy in ("ulysses", "tp") else {}), kv_b
     assert any(n.target == torch.ops.aten.constant_pad_nd.default for n in gm.graph.nodes)
 
 
@@ -228,7 +237,8 @@ CASES = {
     2: [("mixtral", s, "default") for s in ALL]
     + [(f, s, "default") for f in MOE_FAMILIES if f != "mixtral" for s in full_or(CI_STRATEGIES[f], ALL)]
     + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
-       ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate")]
+       ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate"),
+       ("deepseek_v3", "ulysses", "generate")]                   # ulysses moves MLA's latent
     # expert parallelism: rows to their experts' ranks and back (sequence layouts), or each rank its experts'
     # rows of every token (tp); a router that sends every token to rank 0's experts; a sampled generation
     + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),

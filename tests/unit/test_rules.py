@@ -770,6 +770,8 @@ case("copy_", "R<-S1", aten.copy_.default, _d, X(S(1)), out=S(1), wants={_d: S(1
 case("copy_", "S1<-S1", aten.copy_.default, X(S(1)), X(S(1)), out=S(1), wants={})
 _s = X(P)
 case("copy_", "R<-P", aten.copy_.default, X(R), _s, out=R, wants={_s: R})
+_s = X(R)                                 # the second half written into a tensor the first made local
+case("copy_", "S1<-R", aten.copy_.default, X(S(1)), _s, out=S(1), wants={_s: S(1)})
 
 _blocks = tuple(rn(B, SEQ, H) for _ in range(3))
 case("getitem", "S2-of-split", operator.getitem, T(_blocks, (S(2),) * 3), 1, out=S(2), wants={})
