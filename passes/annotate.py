@@ -12,7 +12,7 @@
         vocab    embedding, lm_head [V, H] -> S(0) (a vocabulary N does not divide stays whole)
         fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
     expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
-    MLA's kv_b_proj [H*(nope+v), r] under ulysses, where the latent is moved -> S(0): whole heads per
+    MLA's kv_b_proj [H*(nope+v), r] under a heads layout, where the latent is moved -> S(0): whole heads per
                                                      rank (passes/latent)
 
 Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and

@@ -8,11 +8,12 @@ a token on DeepSeek-V3) where that moves fewer bytes than the layout would move 
     rows layouts (vanilla_sp, zig-zag): the region runs on the whole sequence, all heads, every rank
         latent: S(2) -> all_gather -> kv_b_proj, split, expand, [k_nope | k_rope], pad -> K, V: R
         (was: kv_b_proj on local rows -> K, V: S(2) -> all_gather of K | V)
-    heads layouts (ulysses): the region runs on the whole sequence, this rank's heads only
+    heads layouts (ulysses, megatron_*, tp): the region runs on the whole sequence, this rank's heads
         latent: S(2) -> all_gather -> kv_b_proj[rank's heads] -> K, V: S(1)
-        (was: kv_b_proj on local rows, all heads -> all_to_all of K | V, rows -> heads)
+        (was: kv_b_proj on local rows, all heads -> all_to_all of K | V, rows -> heads; under tp the
+         latent is whole already and nothing is gathered)
 
-Under ``ulysses`` ``kv_b_proj``'s weight is then sliced by output features, whole heads per rank
+Under a heads layout ``kv_b_proj``'s weight is then sliced by output features, whole heads per rank
 (``annotate``), so no rank computes more than before; under the rows layouts each rank expands the
 whole sequence (S rows instead of S/N) and moves (N-1)/N of the latent instead of K and V.
 """

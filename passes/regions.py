@@ -34,13 +34,9 @@ from torch.fx.passes.split_module import split_module
 from sp_compiler.context import layer_of
 from sp_compiler.strategies import layer_path
 
-__all__ = ["split_by_layer", "region_key", "lower_regions", "RegionStats"]
+__all__ = ["split_by_layer", "region_key", "lower_regions"]
 
 log = logging.getLogger("seqpar")
-
-
-class RegionStats(dict):
-    """{"pieces": how many pieces the graph was cut into, "lowered": how many of them were lowered}."""
 
 
 def _piece_ids(gm: torch.fx.GraphModule) -> Dict[torch.fx.Node, int]:
@@ -114,18 +110,31 @@ def _with_tuple_output(piece: torch.fx.GraphModule, lower_one: Callable) -> Call
 
 
 def lower_regions(gm: torch.fx.GraphModule, lower_one: Callable) -> tuple:
-    """(outer GraphModule calling lowered pieces, RegionStats). ``lower_one(piece, example_inputs)``
-    returns a callable; it runs once per distinct ``region_key``, on the piece's local fake inputs."""
+    """(outer GraphModule calling lowered pieces, stats). ``lower_one(piece, example_inputs)`` returns a
+    callable; it runs once per distinct ``region_key``, on the piece's local fake inputs. stats:
+    {"pieces": how many, "lowered": how many lowerings, "kinds": per piece, its first layer and the
+    index of the lowering it runs}."""
     outer = split_by_layer(gm)
-    done: Dict[str, Callable] = {}
-    names: List[str] = [n.target for n in outer.graph.nodes if n.op == "call_module"]
-    for name in names:
+    done: Dict[str, int] = {}
+    lowered: List[Callable] = []
+    kinds = []
+    for name in [n.target for n in outer.graph.nodes if n.op == "call_module"]:
         piece = getattr(outer, name)
         key = region_key(piece)
         if key not in done:
             inputs = [n.meta["val"] for n in piece.graph.nodes if n.op == "placeholder"]
-            done[key] = _with_tuple_output(piece, lower_one)(piece, inputs)
+            done[key] = len(lowered)
+            lowered.append(_with_tuple_output(piece, lower_one)(piece, inputs))
+        kinds.append((_first_layer(piece), done[key]))
         delattr(outer, name)
-        setattr(outer, name, done[key])                   # a plain callable: the outer code calls self.<name>
-    log.info("seqpar: %d graph pieces, %d lowered", len(names), len(done))
-    return outer, RegionStats(pieces=len(names), lowered=len(done))
+        setattr(outer, name, lowered[done[key]])          # a plain callable: the outer code calls self.<name>
+    log.info("seqpar: %d graph pieces, %d lowered", len(kinds), len(lowered))
+    return outer, {"pieces": len(kinds), "lowered": len(lowered), "kinds": kinds}
+
+
+def _first_layer(piece: torch.fx.GraphModule) -> str:
+    """'model.layers.3' for a layer's piece, '-' for what lies between the layers."""
+    for n in piece.graph.nodes:
+        if n.op == "call_function" and n.meta.get("nn_module_stack"):
+            return layer_path(layer_of(n)) or "-"
+    return "-"

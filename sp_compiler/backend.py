@@ -113,9 +113,12 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
              "layer:\n%s", opts.strategy, " (short call)" if short else "", world, mine / 2**20,
              100 * mine / max(whole, 1), layer_summary(ctx.collectives))
     run = lower(aten_gm, ctx)
+    if ctx.regions:
+        dumper.write("regions.txt", "".join(f"piece {i}: {layer}, lowering {k}\n"
+                                            for i, (layer, k) in enumerate(ctx.regions["kinds"])))
     _history.append({"strategy": opts.strategy, "batch": ctx.batch, "tokens": ctx.seq_len, "short": short,
                      "kv": sorted({info.split for info in ctx.kv.values()}), "collectives": list(ctx.collectives),
-                     "regions": dict(ctx.regions)})
+                     "regions": {k: v for k, v in ctx.regions.items() if k != "kinds"}})
     del _history[:-MAX_HISTORY]
     return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
 

@@ -73,7 +73,7 @@ class PassContext:
     token_blocks: frozenset = frozenset()         # mixture-of-experts blocks run token-local, set by propagate
     sliced_blocks: frozenset = frozenset()        # ... and those whose experts a TP layout slices
     reads_cache: bool = False                     # a decode step or follow-up prefill: the graph reads a KV cache
-    regions: Dict[str, int] = field(default_factory=dict)                 # set by lower: graph pieces, how many lowered
+    regions: dict = field(default_factory=dict)   # set by lower: graph pieces, how many lowered (passes/regions)
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
