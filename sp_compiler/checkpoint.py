@@ -130,7 +130,8 @@ class Checkpoint:
 
     def _read(self, name, like, placement, world, rank, widen):
         file = self.files[name]
-        sl = self._open(file).get_slice(name)
+        cut = is_shard(placement) or widen is not None
+        sl = (_open_once(file) if cut else self._open(file)).get_slice(name)
         shape, where = tuple(sl.get_shape()), f"tensor {name!r} in {file!r}"
         want = tuple(like.shape) if widen is None else None
         if want is not None and shape != want:
@@ -145,6 +146,16 @@ class Checkpoint:
             return shard_tensor(whole, placement, world, rank).to(device=like.device)
         piece = shard_tensor(sl, placement, world, rank) if is_shard(placement) else sl[:]
         return piece.to(dtype=like.dtype, device=like.device).contiguous()
+
+
+def _open_once(file: str):
+    """A handle of its own for one cut read: the pages a cut touches (a column slice reads a piece of
+    every row) leave this process's mapping with it, instead of staying mapped, and counted in its RSS,
+    for as long as the shared handle lives. Whole tensors keep the shared handle: they are the mapped
+    pages themselves, shared with every rank on the host."""
+    from safetensors import safe_open
+
+    return safe_open(file, framework="pt", device="cpu")
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
