@@ -12,8 +12,8 @@
         vocab    embedding, lm_head [V, H] -> S(0) (a vocabulary N does not divide stays whole)
         fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
     expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
-    MLA's kv_b_proj [H*(nope+v), r] under a heads layout, where the latent is moved -> S(0): whole heads per
-                                                     rank (passes/latent)
+    MLA's kv_b_proj [H*(nope+v), r] under a heads layout, where the latent is moved: colwise, whole
+                                                     heads per rank (passes/latent)
 
 Sliced weights are cut once here, from the real tensors Dynamo hands the backend, and
 passed in place of the full ones on every call (``ctx.local_inputs``). Parameters that are
@@ -30,7 +30,7 @@ from sp_compiler.checkpoint import is_stand_in, open_checkpoint, stand_in_names
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
 from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_tensor
-from sp_compiler.strategies import layer_path, param_role
+from sp_compiler.strategies import TPRole, layer_path, param_role
 
 from .latent import latent_region, latent_weights
 
@@ -39,6 +39,9 @@ aten = torch.ops.aten
 #: the fused experts' weights (HF's Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), split by expert under
 #: ``options["expert_parallel"]``
 EXPERTS = "*.mlp.experts.*_proj"
+
+#: how a heads layout slices MLA's kv_b_proj where the latent is moved (passes/latent): by output features
+BY_HEADS = TPRole("colwise", "attn")
 
 __all__ = ["annotate", "shard_tensor", "token_input"]
 
@@ -56,7 +59,8 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         if i in ctx.kv:
             node.meta[PLACEMENT] = RankLocal() if ctx.kv[i].split == "seq" else Shard(1)
             continue
-        p = node.meta[PLACEMENT] = Shard(0) if node in by_heads else _placement(node, ctx.input_fqns[i], ctx)
+        p = node.meta[PLACEMENT] = (Shard(_tp_dim(node, BY_HEADS)) if node in by_heads
+                                    else _placement(node, ctx.input_fqns[i], ctx))
         piece = _piece(ctx, i, p)
         if piece is not None:
             ctx.local_inputs[i] = piece

@@ -43,7 +43,7 @@ def latent_region(gm: torch.fx.GraphModule, ctx) -> Dict[Node, Node]:
         if kind not in ("rows", "heads"):
             continue
         layer = layer_of(attn)
-        feeds = {n for n in kv_sources(gm.graph, attn) if n.op == "call_function" and layer_of(n) == layer}
+        feeds = kv_sources(gm.graph, attn, within=lambda n: n.op == "call_function" and layer_of(n) == layer)
         roots = [n for n in feeds if _one_head(n, ctx)]
         inside, todo = set(), [u for r in roots for u in r.users]
         while todo:                                               # what the latent flows into, up to K and V
@@ -66,14 +66,14 @@ def latent_region(gm: torch.fx.GraphModule, ctx) -> Dict[Node, Node]:
 
 def latent_weights(region: Dict[Node, Node], ctx) -> Set[Node]:
     """The placeholders of the weights a heads layout slices by output features (``kv_b_proj``): those
-    a region's ``mm`` reads through a transpose."""
+    a region's ``mm`` reads as its right operand, through one view (``annotate`` reads from that view
+    which dim holds the output features)."""
     out = set()
     for n, attn in region.items():
         if n.target == aten.mm.default and ctx.strategy_for(attn).attention == "heads":
             w = n.args[1]
-            if w.op == "call_function" and w.target in (aten.t.default, aten.permute.default) \
-                    and w.args[0].op == "placeholder":
-                out.add(w.args[0])
+            if w.op == "call_function" and len(w.all_input_nodes) == 1 and w.all_input_nodes[0].op == "placeholder":
+                out.add(w.all_input_nodes[0])
     return out
 
 

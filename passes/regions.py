@@ -29,6 +29,7 @@ import logging
 from typing import Callable, Dict, List
 
 import torch
+from torch.fx.node import map_arg
 from torch.fx.passes.split_module import split_module
 
 from sp_compiler.context import layer_of
@@ -60,16 +61,6 @@ def split_by_layer(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return split_module(gm, None, lambda n: ids[n], keep_original_order=True, keep_original_node_name=True)
 
 
-def _describe(a, index: Dict[torch.fx.Node, int]):
-    if isinstance(a, torch.fx.Node):
-        return f"%{index[a]}"
-    if isinstance(a, (list, tuple)):
-        return type(a)(_describe(x, index) for x in a)
-    if isinstance(a, dict):
-        return {k: _describe(v, index) for k, v in a.items()}
-    return a
-
-
 def _value(v) -> str:
     if isinstance(v, torch.Tensor):
         return f"{v.dtype}{list(v.shape)}{list(v.stride())}{v.device}"
@@ -90,7 +81,8 @@ def region_key(piece: torch.fx.GraphModule) -> str:
             lines.append(f"const {_value(t)} {hashlib.sha256(repr(t.tolist()).encode()).hexdigest()}"
                          if isinstance(t, torch.Tensor) else f"const {t!r}")
         else:
-            lines.append(f"{n.op} {n.target} {_describe(n.args, index)!r} {_describe(n.kwargs, index)!r}")
+            args, kwargs = map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}")
+            lines.append(f"{n.op} {n.target} {args!r} {kwargs!r}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 

@@ -101,9 +101,8 @@ class Checkpoint:
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def _open(file: str):
-        from safetensors import safe_open
-
-        return safe_open(file, framework="pt", device="cpu")
+        """The shared handle of ``file``: whole tensors come from it without a copy."""
+        return _open_once(file)
 
     def read(self, names: Sequence[str], like: torch.Tensor, placement=None, world: int = 1, rank: int = 0,
              widen=None) -> torch.Tensor:

@@ -660,19 +660,20 @@ def _written_base(node):
     return node
 
 
-def kv_sources(graph, attention=None) -> set:
+def kv_sources(graph, attention=None, within=None) -> set:
     """Every node the K or V of ``attention`` (default: every attention node of ``graph``) is computed
-    from, the in-place writes into a tensor included (HF's MLA fills its keys' halves with ``copy_``)."""
+    from, the in-place writes into a tensor included (HF's MLA fills its keys' halves with ``copy_``);
+    ``within(node)``: the walk stays where it is true (one layer: otherwise every earlier layer feeds
+    this one's K and V through the residual stream, and a walk per layer is quadratic in depth)."""
     writes = {}                                               # tensor -> the copy_ calls into views of it
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target == aten.copy_.default:
-            writes.setdefault(_written_base(n.args[0]), []).append(n)
+    for n in graph.find_nodes(op="call_function", target=aten.copy_.default):
+        writes.setdefault(_written_base(n.args[0]), []).append(n)
     attns = [attention] if attention is not None else [n for n in graph.nodes if sdpa.is_attention(n)]
     todo = [x for a in attns for x in attention_inputs(a)[1:3]]
     found = set()
     while todo:
         n = todo.pop()
-        if isinstance(n, Node) and n not in found:
+        if isinstance(n, Node) and n not in found and (within is None or within(n)):
             found.add(n)
             todo += n.all_input_nodes + writes.get(n, [])
     return found
