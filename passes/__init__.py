@@ -3,7 +3,7 @@
     capture (once per compile, ``capture_graph``)
       -> expert_parallel -> prompt_length -> causal_mask -> share_kv_heads -> annotate -> propagate
       -> insert_collectives -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention
-      -> one_in_flight -> check_local_shapes
+      -> gather_in_group -> one_in_flight -> check_local_shapes
 
 ``run_pipeline`` lints the graph after every pass and names the pass that failed.
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
@@ -19,6 +19,7 @@ from sp_compiler.errors import SeqparError
 
 from .annotate import annotate
 from .capture import capture, copy_graph
+from .gather_in_group import gather_in_group
 from .grouped_kv import grouped_kv
 from .causal_mask import causal_mask
 from .expert_parallel import expert_parallel
@@ -38,7 +39,8 @@ __all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
 log = logging.getLogger("seqpar")
 
 PIPELINE = [expert_parallel, prompt_length, causal_mask, share_kv_heads, annotate, propagate, insert_collectives,
-            localize, grouped_kv, kv_attention, mask_blocks, rows_attention, one_in_flight, check_local_shapes]
+            localize, grouped_kv, kv_attention, mask_blocks, rows_attention, gather_in_group,
+            one_in_flight, check_local_shapes]
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.GraphModule:

@@ -100,18 +100,23 @@ def _ready(src, order):
 
 
 def _sink_after(user, after, order):
-    """Move ``user`` and the single-user chain below it past ``after``.
+    """Move ``user``, and whatever below it runs before ``after``, past ``after``.
 
     A packed all_to_all waits for its last input (q after RoPE); a want hoisted higher
     up (v, straight after its projection) leaves a chain of views between there and
-    attention. Those views only feed attention, so they can run after the exchange.
+    attention, which can run after the exchange (they come below its output anyway). A
+    node of the chain may have other users (a KV cache output): they move too, in order.
     """
-    chain, n = [], user
-    while order[n] <= order[after]:
-        chain.append(n)
-        (n,) = n.users
-    for c in chain:
-        n.prepend(c)
+    if order[user] > order[after]:
+        return
+    below, todo = {user}, [user]
+    while todo:
+        for u in todo.pop().users:
+            if u not in below and order[u] <= order[after]:
+                below.add(u)
+                todo.append(u)
+    for c in sorted(below, key=order.get, reverse=True):
+        after.append(c)
 
 
 def _rewire(demands, src, out, want):

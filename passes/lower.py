@@ -168,11 +168,8 @@ def inductor_cpu_fixes():
 
 def _reslice(ctx, i, full):
     """A weight this rank holds a slice of changed after the compile: cut the slice again."""
-    from .annotate import shard_tensor
-
     log.info("seqpar: %s changed since the compile; slicing it again", ctx.input_fqns[i])
-    if i not in ctx.sliced:                       # a stand-in read whole from the checkpoint, since replaced
+    if not ctx.slices(i):                         # a stand-in read whole from the checkpoint, since replaced
         ctx.local_inputs[i] = full.detach()
         return
-    full = ctx.widen.get(i, lambda w: w)(full)
-    ctx.local_inputs[i].copy_(shard_tensor(full, ctx.sliced[i], ctx.world, ctx.rank))
+    ctx.local_inputs[i].copy_(ctx.piece(i, full))

@@ -35,16 +35,18 @@ from tabulate import tabulate
 from passes import capture_graph, lower, run_pipeline
 
 from passes.kv_attention import cache_outputs, latent_cache_outputs
+from passes.lower import local_example_inputs
 
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
 from .config import STRATEGY_NAMES, Options
-from .context import PassContext, layer_of
+from .context import INSERTED, PLACEMENT, PassContext, layer_of
 from .dump import GraphDumper, layer_summary, layout_of, layout_table
-from .errors import InputError
+from .errors import InputError, ShapeConstraintError
+from .mesh import Axis, mesh_of, world_info
 from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
 from .placements import Layout, is_rank_local, is_replicate, is_shard
 from .pricing import best_of, price_strategies
-from .strategies import STRATEGIES, layer_path
+from .strategies import STRATEGIES, TP_IN_GROUP, layer_path
 
 __all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "compiled_graphs",
            "input_fqns",
@@ -85,19 +87,26 @@ class Compiled:
 
 
 def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
-    world, rank, group = world_info()
-    dumper = GraphDumper(opts.dump_dir, rank)
+    mesh = mesh_of(opts.tp_size)
+    world, rank, group = mesh.sp.size, mesh.sp.rank, mesh.sp.group_name
+    dumper = GraphDumper(opts.dump_dir, world_info()[1])
     captured = capture_graph(gm, example_inputs, fakes)
     caches = cache_outputs(captured)
     short = _short_call(example_inputs, fqns, gm, opts, world)
     if opts.strategy == "auto":
         opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
-    ctx = PassContext(opts, world, rank, group, list(example_inputs), list(fqns), real_len=real_len, short=short,
-                      fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}),
-                      one_in_flight=group is not None and dist.get_backend() == "gloo",
-                      whole_outputs=latent_cache_outputs(captured, caches),
-                      reads_cache=reads_kv_cache(gm, example_inputs))
+    common = dict(short=short, one_in_flight=group is not None and dist.get_backend() == "gloo",
+                  whole_outputs=latent_cache_outputs(captured, caches), reads_cache=reads_kv_cache(gm, example_inputs))
+    inner, inputs = None, list(example_inputs)
+    if mesh.tp is not None:
+        inner = _within_groups(captured, example_inputs, opts, fqns, mesh.tp, fakes, common)
+        inputs = local_example_inputs(inner)
+        fakes = fakes and [None if i in inner.local_inputs else f for i, f in enumerate(fakes)]
+    ctx = PassContext(opts, world, rank, group, inputs, list(fqns), real_len=real_len,
+                      fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}), inner=inner, **common)
     aten_gm = run_pipeline(captured, ctx, on_pass=dumper.on_pass)
+    if inner is not None:
+        _across_groups(aten_gm, ctx, inner, example_inputs)
     _compiles[0] += 1
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
@@ -123,11 +132,67 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
 
 
+def _within_groups(captured, example_inputs, opts, fqns, tp: Axis, fakes, common) -> PassContext:
+    """A two-level layout, step 1 (``sp_compiler.mesh``): ``tp`` among the T ranks of this rank's group, run
+    on the captured graph in place. Its collectives run on the group's process group; its placements are
+    then dropped, so step 2, the strategy across the groups, reads the graph as a one-level one whose
+    weights are this rank's slices (q/k/v, o, gate/up, down, the experts; the embedding and lm_head stay
+    whole):
+
+        captured [B, S, H] -> tp in group (T)  -> [B, S, H], weights / T, all_reduce on tp
+                           -> strategy across groups (G) -> [B, S/G, H], all_to_all or all_gather on sp
+    """
+    inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1,      # K/V left split by heads
+                                     outputs="replicate" if common["short"] else "local")   # (gather_in_group)
+    ctx = PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
+                      fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, **common)
+    try:
+        run_pipeline(captured, ctx)
+    except ShapeConstraintError as e:
+        raise ShapeConstraintError(f"tp inside each group of tp_size={tp.size} ranks (its world size): {e}. With "
+                                   f"tp_size, the fix is a tp_size that divides these counts") from e
+    for node in captured.graph.nodes:
+        node.meta.pop(PLACEMENT, None)
+        node.meta.pop(INSERTED, None)
+    return ctx
+
+
+def _across_groups(gm, ctx, inner, example_inputs):
+    """A two-level layout, step 2 done: ``ctx`` holds what both steps did, as Dynamo's inputs see it. A
+    weight's piece is the tp slice cut again by the strategy across groups (if it cuts it); the collective
+    rows are both steps', the tp ones read off the final graph (their sizes are local across groups)."""
+    ctx.full_inputs = list(example_inputs)
+    ctx.local_inputs = {**inner.local_inputs, **ctx.local_inputs}
+    tp_rows = [_group_row(n, inner) for n in gm.graph.nodes
+               if n.op == "call_function" and n.target in _GROUP_COLLECTIVES and inner.group_name in n.args]
+    ctx.collectives = [dict(r, mesh="tp") for r in tp_rows] + [dict(r, mesh="sp") for r in ctx.collectives]
+
+
+_c10d = torch.ops._c10d_functional
+_GROUP_COLLECTIVES = {_c10d.all_reduce.default: "all_reduce", _c10d.all_gather_into_tensor.default: "all_gather",
+                      _c10d.reduce_scatter_tensor.default: "reduce_scatter"}
+
+
+def _group_row(node, inner) -> dict:
+    """The collective row of a tp collective of the final graph: all_reduce by the tensor it sums,
+    all_gather as [T, numel] (the rows ``Builder.record`` writes)."""
+    x = node.args[0].meta["val"]
+    kind = _GROUP_COLLECTIVES[node.target]
+    shape = tuple(x.shape) if kind != "all_gather" else (inner.world, x.numel())
+    maker = node.args[0]
+    while "nn_module_stack" not in maker.meta and maker.all_input_nodes:     # above the collective's own packing
+        maker = maker.all_input_nodes[0]
+    return dict(layer=layer_of(maker), kind=kind, dim=None, shape=shape, dtype=str(x.dtype).replace("torch.", ""),
+                bytes=x.numel() * x.element_size() * (inner.world if kind == "all_gather" else 1), what="")
+
+
 def fingerprint(ctx, opts) -> Fingerprint:
     """What this rank compiled, for ``agree.check_ranks``: the same on every rank that runs the same thing."""
     params = [(fqn, tuple(x.shape), str(x.dtype)) for fqn, x in zip(ctx.input_fqns, ctx.full_inputs)
               if fqn is not None and isinstance(x, torch.Tensor)]
-    collectives = [(r["kind"], str(r["dim"]), tuple(r["shape"]), r["dtype"]) for r in ctx.collectives]
+    # a tp row of a two-level layout has this group's own rows: groups differ where G does not divide S
+    collectives = [(r["kind"], str(r["dim"]), tuple(r["shape"]) if r.get("mesh") != "tp" else len(r["shape"]),
+                    r["dtype"]) for r in ctx.collectives]
     options = repr(dataclasses.replace(opts, dump_dir=None, checkpoint=opts.checkpoint and "<path>"))
     layers = {layer_path(fqn) for fqn, _, _ in params} - {None}
     return Fingerprint(strategy=STRATEGY_NAMES.index(opts.strategy), options=stable_hash(options),
@@ -417,7 +482,7 @@ class _Bucketed:
         S = args[self.token].shape[1]
         with _joined_on_failure(self.opts, args, self.token, self.fqns):
             self._check_lengths(args, S)
-            padded_len = bucket_length(S, world_info()[0], self.opts.buckets)
+            padded_len = bucket_length(S, mesh_of(self.opts.tp_size).sp.size, self.opts.buckets)
             if self.out_dims is None:
                 padded_len = S                                 # outputs not recognised: exact length
             padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]
@@ -642,13 +707,6 @@ def last_graph():
     """(transformed local ATen GraphModule, PassContext) of the last compile in this process.
     Nodes carry meta['val'] (local fake tensors) and meta['seqpar_placement']."""
     return _last.get("gm"), _last.get("ctx")
-
-
-def world_info():
-    """(world size, rank, group name) of the default process group; (1, 0, None) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank(), dist.group.WORLD.group_name
-    return 1, 0, None
 
 
 _PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")

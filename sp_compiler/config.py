@@ -8,13 +8,15 @@ from typing import Mapping, Optional
 from .errors import OptionsError
 from .strategies import STRATEGIES, LayerPlan
 
-__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS", "OUTPUTS", "BUCKET_MODES", "REGIONAL"]
+__all__ = ["Options", "STRATEGY_NAMES", "LOWERINGS", "OUTPUTS", "BUCKET_MODES", "REGIONAL", "ACROSS_GROUPS"]
 
 STRATEGY_NAMES = tuple(STRATEGIES) + ("auto",)
 LOWERINGS = ("inductor", "aot_eager", "eager")
 OUTPUTS = ("replicate", "local")
 BUCKET_MODES = ("auto", "exact")
 REGIONAL = ("prefill", "all", "none")
+#: the strategies that split the sequence across the groups of a two-level layout (``tp_size`` > 1)
+ACROSS_GROUPS = ("ulysses", "vanilla_sp", "vanilla_sp_zigzag")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class Options:
     checkpoint: Optional[str] = None    # safetensors directory: parameters are stand-ins, read per rank (checkpoint.py)
     expert_parallel: bool = False       # each rank holds E/N of every MoE layer's experts (experts.py)
     regional: str = "prefill"           # which graphs lower once per distinct decoder layer (passes/regions.py)
+    tp_size: int = 1                    # > 1: groups of tp_size ranks run tp inside, the strategy across (mesh.py)
 
     @classmethod
     def from_dict(cls, options: Optional[Mapping]) -> "Options":
@@ -66,6 +69,7 @@ class Options:
         if "auto" in dict(opts.layers).values():
             raise OptionsError("'auto' applies to the whole model: use strategy='auto', not in layers")
         names = {opts.strategy, *dict(opts.layers).values()}
+        opts._check_tp_size(names)
         if "vanilla_sp_zigzag" in names and names & {"ulysses", "megatron_sp", "megatron_sp_tp", "vanilla_sp"}:
             raise OptionsError("vanilla_sp_zigzag permutes the sequence for the whole model; it mixes only with "
                                "'tp', not with other sequence-sharded strategies")
@@ -74,6 +78,26 @@ class Options:
     @property
     def plan(self) -> LayerPlan:
         return LayerPlan(self.strategy, tuple(dict(self.layers).items()))
+
+    def _check_tp_size(self, names):
+        """A two-level layout: tp inside groups of tp_size ranks, a sequence layout across them."""
+        if not (isinstance(self.tp_size, int) and not isinstance(self.tp_size, bool) and self.tp_size >= 1):
+            raise OptionsError(f"tp_size={self.tp_size!r} is not valid; give a positive int: the ranks of a group "
+                               f"(1, the default: one level)")
+        if self.tp_size == 1:
+            return
+        if "auto" in names:
+            raise OptionsError(f"strategy='auto' does not price two-level layouts yet; with tp_size={self.tp_size} "
+                               f"name the strategy across groups: one of {list(ACROSS_GROUPS)}")
+        if names - set(ACROSS_GROUPS):
+            raise OptionsError(f"tp_size={self.tp_size} runs tp inside each group and splits the sequence across "
+                               f"groups with one of {list(ACROSS_GROUPS)}; {sorted(names - set(ACROSS_GROUPS))} "
+                               f"cannot run across groups. Fix: choose one of those, or tp_size=1")
+        for name, value in (("expert_parallel", self.expert_parallel), ("checkpoint", self.checkpoint),
+                            ("outputs", self.outputs != "replicate")):
+            if value:
+                raise OptionsError(f"tp_size={self.tp_size} does not support {name}={getattr(self, name)!r} yet. "
+                                   f"Fix: drop {name}, or use tp_size=1")
 
     @staticmethod
     def _check_strategy(name, where):

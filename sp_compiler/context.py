@@ -9,7 +9,7 @@ import torch
 
 from .config import Options
 from .errors import ShapeConstraintError, module_path
-from .placements import Layout, Replicate, is_shard, local_shape, make_shard, split_factor
+from .placements import Layout, Replicate, is_shard, local_shape, make_shard, shard_tensor, split_factor
 from .strategies import STRATEGIES, Strategy, layer_path, short_strategy
 
 __all__ = ["PLACEMENT", "INSERTED", "Demand", "PassContext", "block_of", "layer_of"]
@@ -74,6 +74,8 @@ class PassContext:
     sliced_blocks: frozenset = frozenset()        # ... and those whose experts a TP layout slices
     reads_cache: bool = False                     # a decode step or follow-up prefill: the graph reads a KV cache
     regions: dict = field(default_factory=dict)   # set by lower: graph pieces, how many lowered (passes/regions)
+    strategies: Dict[str, Strategy] = field(default_factory=lambda: STRATEGIES)   # what the options' names mean
+    inner: Optional["PassContext"] = None         # two-level layouts: the tp-in-group pipeline this one follows
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass
@@ -81,7 +83,7 @@ class PassContext:
     @property
     def strategy(self) -> Strategy:
         """The default strategy (outside the layer stack, and for the global sequence layout)."""
-        return self._variant(STRATEGIES[self.options.strategy])
+        return self._variant(self.strategies[self.options.strategy])
 
     def _variant(self, s: Strategy) -> Strategy:
         return short_strategy(s, self.options.outputs) if self.short else s
@@ -93,7 +95,7 @@ class PassContext:
     @property
     def zigzag(self) -> bool:
         """The sequence layout is global: zig-zag if any layer runs vanilla_sp_zigzag (never on a short call)."""
-        return not self.short and any(STRATEGIES[n].zigzag
+        return not self.short and any(self.strategies[n].zigzag
                                       for n in (self.options.strategy, *dict(self.options.layers).values()))
 
     def layout(self, size: int) -> Layout:
@@ -108,8 +110,21 @@ class PassContext:
         sf = split_factor(p)
         return local_shape(shape, p, self.world, self.rank, self.zigzag and shape[p.dim] // sf == self.seq_len)
 
+    def slices(self, i: int) -> bool:
+        """Whether this rank holds a slice of input ``i`` (in either step of a two-level layout)."""
+        return i in self.sliced or (self.inner is not None and self.inner.slices(i))
+
+    def piece(self, i: int, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of input ``i``, cut from the whole tensor ``full`` (a two-level layout: the
+        tp-in-group slice, cut again across the groups where that step slices it too)."""
+        if self.inner is not None:
+            full = self.inner.piece(i, full)
+        if i not in self.sliced:
+            return full
+        return shard_tensor(self.widen.get(i, lambda w: w)(full), self.sliced[i], self.world, self.rank)
+
     def strategy_at(self, layer: Optional[str]) -> Strategy:
-        return self._variant(STRATEGIES[self.options.plan.strategy_name(layer)])
+        return self._variant(self.strategies[self.options.plan.strategy_name(layer)])
 
     def in_token_block(self, node) -> bool:
         """Whether ``node`` belongs to a mixture-of-experts block run on each rank's own tokens

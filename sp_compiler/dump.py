@@ -71,7 +71,9 @@ def format_graph(gm: torch.fx.GraphModule) -> str:
 
 
 def collective_table(rows) -> str:
-    cols = ["layer", "kind", "dim", "shape", "dtype", "bytes", "what"]
+    """One line per collective; a two-level layout's rows also say their mesh dimension (tp or sp)."""
+    cols = ["layer", *(["mesh"] if any("mesh" in r for r in rows) else []), "kind", "dim", "shape", "dtype", "bytes",
+            "what"]
     return tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, intfmt=",") + "\n"
 
 

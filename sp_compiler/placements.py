@@ -18,7 +18,9 @@ Every tensor node of the graph carries one placement over the (1-D) world of N r
                              tokens with no token dim (how many it sends to each expert). Never
                              leaves the region (``sp_compiler.rules``, token-local regions)
 
-Placements of multi-output nodes are tuples; non-tensor nodes have ``None``.
+Placements of multi-output nodes are tuples; non-tensor nodes have ``None``. A two-level layout
+(``options["tp_size"]``, ``sp_compiler.mesh``) runs the pass pipeline twice, each run over a 1-D world:
+tp within a group of ranks, then a sequence layout across the groups.
 """
 from __future__ import annotations
 

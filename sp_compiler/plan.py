@@ -199,7 +199,8 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
         if cause is None or cause is e:
             raise
         raise cause from e                                       # the engine's own typed error
-    if gm is None or ctx.options.strategy != strategy or ctx.world != world or ctx.seq_len != seq_len:
+    if gm is None or ctx.options.strategy != strategy or ctx.world * ctx.options.tp_size != world \
+            or ctx.seq_len != seq_len:
         raise PlanError(f"the seqpar backend did not report a graph for strategy={strategy!r} world={world} "
                         f"seq_len={seq_len} (sp_compiler.backend.last_graph() is stale)")
     return gm, ctx

@@ -31,6 +31,7 @@ from .placements import (
 )
 
 aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
 
 __all__ = [
     "Decision", "RULES", "RULES_BY_NAME", "TRANSPARENT", "ATTENTION_OPS", "MADE", "UNIFORM", "rule_for",
@@ -459,6 +460,31 @@ def _moe_experts_rule(node, ctx, P):
     if _as_tokens(x, px, ctx) is not None:
         return Decision(px, wants)
     return _fail(node, [px, P(w_in)])
+
+
+def _in_group_rule(node, ctx, P):
+    """A collective of the tp-in-group step of a two-level layout, seen from across the groups: it runs
+    among the T ranks of one group, which hold the same rows, so the tensor keeps its placement across
+    groups. all_gather and reduce_scatter stack (or unstack) the group's T pieces on dim 0: a dim 0
+    split across groups becomes T (or 1/T as many) strided blocks.
+
+        all_reduce(x: S(1), "sum", tp)            -> S(1)
+        all_gather_into_tensor(x: S(0,sf=k), T)   -> S(0,sf=k*T)      [T * numel], each piece split alike
+        reduce_scatter_tensor(x: S(0,sf=k*T), T)  -> S(0,sf=k)
+    """
+    p = P(node.args[0])
+    if is_partial(p) or is_token_local(p) or is_rank_local(p):
+        raise ShardingError(node, f"a collective inside a tp group meets a tensor placed {fmt(p)} across the "
+                            f"groups", placements=[p], hint="use tp_size=1 for this model")
+    if shard_dim(p) != 0 or node.target in (c10d.all_reduce.default, c10d.wait_tensor.default):
+        return Decision(p)
+    T, sf = node.args[1] if node.target == c10d.all_gather_into_tensor.default else node.args[2], split_factor(p)
+    if node.target == c10d.all_gather_into_tensor.default:
+        return Decision(make_shard(0, sf * T))
+    if sf % T:
+        raise ShardingError(node, f"a reduce_scatter inside a tp group splits dim 0, which is placed {fmt(p)} "
+                            f"across the groups", placements=[p], hint="use tp_size=1 for this model")
+    return Decision(make_shard(0, sf // T))
 
 
 def _fail(node, placements):
@@ -899,6 +925,8 @@ RULES: Dict[object, Callable] = {
     aten.constant_pad_nd.default: _pad_rule,
     aten.select.int: _select_rule,
     operator.getitem: _getitem_rule,
+    **dict.fromkeys((c10d.all_reduce.default, c10d.wait_tensor.default, c10d.all_gather_into_tensor.default,
+                     c10d.reduce_scatter_tensor.default), _in_group_rule),
 }
 
 

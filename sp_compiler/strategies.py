@@ -20,6 +20,9 @@ Whatever the strategy, attention whose keys come from a KV cache kept split by s
 named by ``TP_PLAN``; a mixture-of-experts layer's fused experts too (gate_up packed colwise, down
 rowwise, as transformers' own tp_plan), and its shared experts as a dense MLP; the embedding and
 lm_head by vocabulary wherever attention's weights are sliced.
+
+Two-level layouts (``tp_size`` = T): ``TP_IN_GROUP`` inside each group of T ranks, then ``ulysses``,
+``vanilla_sp`` or ``vanilla_sp_zigzag`` across the groups (``sp_compiler.mesh``, ``backend._within_groups``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "param_role",
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "TP_IN_GROUP", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "param_role",
            "LayerPlan",
            "LAYER_RE", "layer_path"]
 
@@ -45,10 +48,14 @@ class Strategy:
     attn_weights: str = "full"   # "full" | "tp"
     mlp_weights: str = "full"    # "full" | "tp"
     zigzag: bool = False         # rows: rank r holds chunks r and 2N-1-r
+    vocab_weights: Optional[str] = None   # None: as attn_weights
 
     def weights(self, block: str) -> str:
         """'tp' where this strategy slices the weights of ``block``: 'attn', 'mlp', or 'vocab' (the
-        embedding and lm_head, vocab-parallel wherever attention's weights are sliced)."""
+        embedding and lm_head, vocab-parallel wherever attention's weights are sliced, unless
+        ``vocab_weights`` says otherwise)."""
+        if block == "vocab" and self.vocab_weights is not None:
+            return self.vocab_weights
         return self.mlp_weights if block == "mlp" else self.attn_weights
 
     @property
@@ -67,6 +74,11 @@ STRATEGIES = {
         Strategy("vanilla_sp_zigzag", Shard(SEQ_DIM), "rows", zigzag=True),
     )
 }
+
+
+#: ``tp`` inside the groups of a two-level layout (``tp_size``): the embedding and lm_head stay whole, so
+#: the strategy across the groups sees the token ids and the logits as on one level.
+TP_IN_GROUP = replace(STRATEGIES["tp"], vocab_weights="full")
 
 
 def short_strategy(s: Strategy, outputs: str) -> Strategy:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 __all__ = []
 
+import contextlib
 import operator
 import zlib
 from dataclasses import dataclass, field
@@ -130,6 +131,17 @@ class Case:
     @property
     def id(self):
         return f"{self.family}-{self.name}"
+
+
+def _unpack(outs: tuple):
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _on_meta(case, args, kwargs) -> tuple:
+    """The op's outputs on meta tensors. A collective of a group is not run: the fake group would keep
+    it in flight to the end of the process; its stand-in (of the same shapes) is."""
+    op = case.standin if case.family == "in_group" else case.op
+    return _as_tuple(op(*_to_meta(args), **_to_meta(kwargs)))
 
 
 def _map(a, f):
@@ -256,7 +268,7 @@ def _decide(case, world):
     node = g.call_function(case.op, args, kwargs)
     full_args, full_kwargs = _map(case.args, lambda t: t.val), _map(case.kwargs, lambda t: t.val)
     if case.standin is not None:
-        node.meta["val"] = case.op(*_to_meta(full_args), **_to_meta(full_kwargs))
+        node.meta["val"] = _unpack(_on_meta(case, full_args, full_kwargs))
     else:
         node.meta["val"] = case.op(*full_args, **full_kwargs)
     g.output(node)
@@ -402,7 +414,7 @@ def run_case(case, world):
         elif is_partial(decision.out) and case.op == aten.embedding.default:
             outs.append(_vocab_lookup_by_hand(case, world, r, args))
         elif case.standin is not None:
-            outs.append((_as_tuple(case.op(*_to_meta(args), **_to_meta(kwargs))), case.standin(*args[:3], **kwargs)))
+            outs.append((_on_meta(case, args, kwargs), case.standin(*args[:3], **kwargs)))
         else:
             outs.append(case.op(*args, **kwargs))
 
@@ -655,6 +667,25 @@ case("moe_experts", "whole-weights-wanted-split", _MOE, X(R, 14, H), _offs, _w, 
 # aten._grouped_mm (the CUDA path; the same rule) runs on CPU in float32 with 16-byte strides only
 case("grouped_mm", "aten-colwise-R@S2", aten._grouped_mm.default, T(rn(14, 8).float()), T(rn(4, 8, 8).float(), S(2)),
      _offs, out=S(1), wants={}, worlds=(2,))
+
+# --- collectives of a two-level layout's tp-in-group step, seen by the strategy across groups. A stand-in
+# computes what the group's T members give when each holds the same x: the placement across groups the
+# rule says must hold for it (all_gather and reduce_scatter stack the members on dim 0: T times the blocks).
+# (The rule reads the group size from the op's arguments; ``test_rule`` makes a fake group of T, "0".)
+_c10d, _TG = torch.ops._c10d_functional, 2
+case("in_group", "all_reduce-S1", _c10d.all_reduce.default, X(S(1)), "sum", "0", out=S(1), wants={},
+     standin=lambda x, *_: x * _TG)
+case("in_group", "wait_tensor-S1", _c10d.wait_tensor.default, X(S(1)), out=S(1), wants={}, standin=lambda x: x)
+case("in_group", "all_gather-S0sf2", _c10d.all_gather_into_tensor.default, X(S(0, B), B * SEQ), _TG, "0",
+     out=S(0, B * _TG), wants={}, standin=lambda x, n, *_: torch.cat([x] * n))
+case("in_group", "all_gather-S1", _c10d.all_gather_into_tensor.default, X(S(1), 4, SEQ, H), _TG, "0",
+     out=S(1), wants={}, standin=lambda x, n, *_: torch.cat([x] * n))
+case("in_group", "reduce_scatter-S0sf4", _c10d.reduce_scatter_tensor.default, X(S(0, B * _TG), B * _TG * SEQ),
+     "sum", _TG, "0", out=S(0, B), wants={}, standin=lambda x, *_: x.view(_TG, -1)[0] * _TG)
+case("in_group", "all_reduce-P", _c10d.all_reduce.default, X(P), "sum", "0", raises=ShardingError,
+     standin=lambda x, *_: x * _TG)
+case("in_group", "reduce_scatter-S0", _c10d.reduce_scatter_tensor.default, X(S(0), B * SEQ), "sum", _TG, "0",
+     raises=ShardingError, standin=lambda x, *_: x.view(_TG, -1)[0] * _TG)
 
 # --- mm
 case("mm", "rows-S0@R", aten.mm.default, X(S(0), B * SEQ, H), T(rn(H, 5)), out=S(0), wants={})
@@ -911,6 +942,13 @@ def test_case_ids_unique():
 
 @pytest.mark.parametrize("case", _params())
 def test_rule(case):
+    from sp_compiler.testing import fake_process_group
+
+    with fake_process_group(_TG) if case.family == "in_group" else contextlib.nullcontext():
+        _run_worlds(case)
+
+
+def _run_worlds(case):
     for world in case.worlds:
         try:
             run_case(case, world)
