@@ -5,7 +5,9 @@
       -> insert_collectives -> localize -> grouped_kv -> kv_attention -> mask_blocks -> rows_attention
       -> gather_in_group -> one_in_flight -> check_local_shapes
 
-``run_pipeline`` lints the graph after every pass and names the pass that failed.
+``run_pipeline`` lints the graph after every pass and names the pass that failed. ``run_layout`` runs it
+once per level of the layout: once, or (``tp_size`` > 1) tp within a group then the strategy across
+groups (``passes/two_level``).
 ``lower`` (Inductor / aot_eager / eager) runs after, and returns a callable.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 
 import torch
 
-from sp_compiler.errors import SeqparError
+from sp_compiler.context import PassContext
+from sp_compiler.errors import SeqparError, ShapeConstraintError
 
 from .annotate import annotate
 from .capture import capture, copy_graph
@@ -33,8 +36,9 @@ from .prompt_length import prompt_length
 from .propagate import propagate
 from .rows_attention import rows_attention
 from .share_kv_heads import share_kv_heads
+from . import two_level
 
-__all__ = ["PIPELINE", "run_pipeline", "capture_graph", "copy_graph", "lower"]
+__all__ = ["PIPELINE", "run_pipeline", "run_layout", "capture_graph", "copy_graph", "lower"]
 
 log = logging.getLogger("seqpar")
 
@@ -72,3 +76,27 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx, passes=PIPELINE, on_pass=None) -
             on_pass(p.__name__, gm)
     gm.recompile()
     return gm
+
+
+def run_layout(captured: torch.fx.GraphModule, example_inputs, fqns, opts, mesh, *, fakes=None, on_pass=None,
+               **context):
+    """(this rank's graph, its PassContext) for ``opts`` on ``mesh`` (``sp_compiler.mesh``): the pipeline
+    across ``mesh.sp``, after a tp run within ``mesh.tp`` for a two-level layout. ``captured`` is
+    rewritten in place; ``context``: further PassContext fields (the tp run shares ``two_level.INNER_KEYS``)."""
+    inner, inputs = None, list(example_inputs)
+    if mesh.tp is not None:
+        inner = two_level.inner_context(opts, mesh.tp, example_inputs, fqns, fakes,
+                                         **{k: v for k, v in context.items() if k in two_level.INNER_KEYS})
+        try:
+            run_pipeline(captured, inner)
+        except ShapeConstraintError as e:
+            raise ShapeConstraintError(f"tp inside each group of tp_size={mesh.tp.size} ranks (its world size): "
+                                       f"{e}. With tp_size, the fix is a tp_size that divides these counts") from e
+        two_level.drop_placements(captured)
+        inputs, fakes = two_level.outer_inputs(inner, fakes)
+    ctx = PassContext(opts, mesh.sp.size, mesh.sp.rank, mesh.sp.group_name, inputs, list(fqns),
+                      fakes=list(fakes) if fakes is not None else None, inner=inner, **context)
+    gm = run_pipeline(captured, ctx, on_pass=on_pass)
+    if inner is not None:
+        two_level.merge(gm, ctx, example_inputs)
+    return gm, ctx

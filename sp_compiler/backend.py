@@ -32,21 +32,20 @@ import torch
 import torch.distributed as dist
 from tabulate import tabulate
 
-from passes import capture_graph, lower, run_pipeline
+from passes import capture_graph, lower, run_layout
 
 from passes.kv_attention import cache_outputs, latent_cache_outputs
-from passes.lower import local_example_inputs
 
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
 from .config import STRATEGY_NAMES, Options
-from .context import INSERTED, PLACEMENT, PassContext, layer_of
+from .context import layer_of
 from .dump import GraphDumper, layer_summary, layout_of, layout_table
-from .errors import InputError, ShapeConstraintError
-from .mesh import Axis, mesh_of, world_info
+from .errors import InputError
+from .mesh import mesh_of, world_info
 from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
 from .placements import Layout, is_rank_local, is_replicate, is_shard
-from .pricing import best_of, price_strategies
-from .strategies import STRATEGIES, TP_IN_GROUP, layer_path
+from .pricing import best_layout, price_strategies, two_level_sizes
+from .strategies import STRATEGIES, layer_path
 
 __all__ = ["seqpar_backend", "last_report", "last_graph", "output_layout", "compile_count", "compiled_graphs",
            "input_fqns",
@@ -87,26 +86,19 @@ class Compiled:
 
 
 def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
-    mesh = mesh_of(opts.tp_size)
-    world, rank, group = mesh.sp.size, mesh.sp.rank, mesh.sp.group_name
     dumper = GraphDumper(opts.dump_dir, world_info()[1])
     captured = capture_graph(gm, example_inputs, fakes)
     caches = cache_outputs(captured)
-    short = _short_call(example_inputs, fqns, gm, opts, world)
     if opts.strategy == "auto":
         opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
-    common = dict(short=short, one_in_flight=group is not None and dist.get_backend() == "gloo",
-                  whole_outputs=latent_cache_outputs(captured, caches), reads_cache=reads_kv_cache(gm, example_inputs))
-    inner, inputs = None, list(example_inputs)
-    if mesh.tp is not None:
-        inner = _within_groups(captured, example_inputs, opts, fqns, mesh.tp, fakes, common)
-        inputs = local_example_inputs(inner)
-        fakes = fakes and [None if i in inner.local_inputs else f for i, f in enumerate(fakes)]
-    ctx = PassContext(opts, world, rank, group, inputs, list(fqns), real_len=real_len,
-                      fakes=list(fakes) if fakes is not None else None, kv=dict(kv or {}), inner=inner, **common)
-    aten_gm = run_pipeline(captured, ctx, on_pass=dumper.on_pass)
-    if inner is not None:
-        _across_groups(aten_gm, ctx, inner, example_inputs)
+    mesh = mesh_of(opts.tp_size)
+    world, rank, group = mesh.sp.size, mesh.sp.rank, mesh.sp.group_name
+    short = _short_call(example_inputs, fqns, gm, opts, world)
+    aten_gm, ctx = run_layout(captured, example_inputs, fqns, opts, mesh, fakes=fakes, on_pass=dumper.on_pass,
+                              real_len=real_len, kv=dict(kv or {}), short=short,
+                              one_in_flight=group is not None and dist.get_backend() == "gloo",
+                              whole_outputs=latent_cache_outputs(captured, caches),
+                              reads_cache=reads_kv_cache(gm, example_inputs))
     _compiles[0] += 1
     header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
@@ -130,60 +122,6 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
                      "regions": {k: v for k, v in ctx.regions.items() if k != "kinds"}})
     del _history[:-MAX_HISTORY]
     return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
-
-
-def _within_groups(captured, example_inputs, opts, fqns, tp: Axis, fakes, common) -> PassContext:
-    """A two-level layout, step 1 (``sp_compiler.mesh``): ``tp`` among the T ranks of this rank's group, run
-    on the captured graph in place. Its collectives run on the group's process group; its placements are
-    then dropped, so step 2, the strategy across the groups, reads the graph as a one-level one whose
-    weights are this rank's slices (q/k/v, o, gate/up, down, the experts; the embedding and lm_head stay
-    whole):
-
-        captured [B, S, H] -> tp in group (T)  -> [B, S, H], weights / T, all_reduce on tp
-                           -> strategy across groups (G) -> [B, S/G, H], all_to_all or all_gather on sp
-    """
-    inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1,      # K/V left split by heads
-                                     outputs="replicate" if common["short"] else "local")   # (gather_in_group)
-    ctx = PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
-                      fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, **common)
-    try:
-        run_pipeline(captured, ctx)
-    except ShapeConstraintError as e:
-        raise ShapeConstraintError(f"tp inside each group of tp_size={tp.size} ranks (its world size): {e}. With "
-                                   f"tp_size, the fix is a tp_size that divides these counts") from e
-    for node in captured.graph.nodes:
-        node.meta.pop(PLACEMENT, None)
-        node.meta.pop(INSERTED, None)
-    return ctx
-
-
-def _across_groups(gm, ctx, inner, example_inputs):
-    """A two-level layout, step 2 done: ``ctx`` holds what both steps did, as Dynamo's inputs see it. A
-    weight's piece is the tp slice cut again by the strategy across groups (if it cuts it); the collective
-    rows are both steps', the tp ones read off the final graph (their sizes are local across groups)."""
-    ctx.full_inputs = list(example_inputs)
-    ctx.local_inputs = {**inner.local_inputs, **ctx.local_inputs}
-    tp_rows = [_group_row(n, inner) for n in gm.graph.nodes
-               if n.op == "call_function" and n.target in _GROUP_COLLECTIVES and inner.group_name in n.args]
-    ctx.collectives = [dict(r, mesh="tp") for r in tp_rows] + [dict(r, mesh="sp") for r in ctx.collectives]
-
-
-_c10d = torch.ops._c10d_functional
-_GROUP_COLLECTIVES = {_c10d.all_reduce.default: "all_reduce", _c10d.all_gather_into_tensor.default: "all_gather",
-                      _c10d.reduce_scatter_tensor.default: "reduce_scatter"}
-
-
-def _group_row(node, inner) -> dict:
-    """The collective row of a tp collective of the final graph: all_reduce by the tensor it sums,
-    all_gather as [T, numel] (the rows ``Builder.record`` writes)."""
-    x = node.args[0].meta["val"]
-    kind = _GROUP_COLLECTIVES[node.target]
-    shape = tuple(x.shape) if kind != "all_gather" else (inner.world, x.numel())
-    maker = node.args[0]
-    while "nn_module_stack" not in maker.meta and maker.all_input_nodes:     # above the collective's own packing
-        maker = maker.all_input_nodes[0]
-    return dict(layer=layer_of(maker), kind=kind, dim=None, shape=shape, dtype=str(x.dtype).replace("torch.", ""),
-                bytes=x.numel() * x.element_size() * (inner.world if kind == "all_gather" else 1), what="")
 
 
 def fingerprint(ctx, opts) -> Fingerprint:
@@ -614,15 +552,14 @@ def _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper) -> 
     machine = machine_profile()
     layers = {layer_path(layer_of(n)) for n in captured.graph.nodes if layer_path(layer_of(n))}
     preds = price_strategies(captured, example_inputs, fqns, opts, world, machine, num_layers=len(layers),
-                             group=group, real_len=real_len)
-    best = best_of(preds, world)
-    rows = [[p.strategy, "*" if p.strategy == best else "", f"{p.total_s * 1e3:.3f}" if p.ok else p.error[:100]]
-            for p in preds]
-    text = f"auto on {machine if isinstance(machine, str) else machine.name}, world {world}: chose {best}\n" + \
-        tabulate(rows, headers=["strategy", "chosen", "predicted ms"]) + "\n"
+                             group=group, real_len=real_len, tp_sizes=two_level_sizes(world, machine))
+    best = best_layout(preds, world)
+    rows = [[p.layout, "*" if p is best else "", f"{p.total_s * 1e3:.3f}" if p.ok else p.error[:100]] for p in preds]
+    text = f"auto on {machine if isinstance(machine, str) else machine.name}, world {world}: chose {best.layout}\n" + \
+        tabulate(rows, headers=["layout", "chosen", "predicted ms"]) + "\n"
     dumper.write("auto.txt", text)
     log.info("seqpar: %s", text)
-    return dataclasses.replace(opts, strategy=best)
+    return dataclasses.replace(opts, strategy=best.strategy, tp_size=best.tp_size)
 
 
 def machine_profile():

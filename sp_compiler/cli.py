@@ -1,13 +1,14 @@
 """The ``seqpar`` command: plan a prefill, dump one rank's graph, calibrate this machine.
 
     seqpar plan --model llama-3-8b --world-size 8 --seq-len 4096 [--batch 1] [--machine h100-nvlink]
+                [--gpus-per-node 8]
     seqpar dump --model llama-3-8b --strategy ulysses --world-size 8 --rank 0 --seq-len 4096 --out DIR
                 (also prints the rank's largest intermediates)
     seqpar calibrate [--world-size 2] [--out PATH]
     seqpar bench --model bench-125m --layers 2 --seq-lens 1024,4096 --world-size 2 --out DIR
                 (or one process per rank: torchrun --nproc-per-node N -m sp_compiler.cli bench ...)
 
-``plan`` prints one row per strategy: the collectives of one (steady-state) layer, their bytes
+``plan`` prints one row per layout (a strategy, or a two-level ``strategy x tpT``): the collectives of one (steady-state) layer, their bytes
 (NCCL-tests sizes in the machine's dtype), predicted communication and compute per layer, the
 non-layer parts and the whole prefill; ``*`` marks the fastest. A strategy that cannot run the
 model on that many ranks shows the engine's reason instead.
@@ -38,21 +39,21 @@ def _mib(n: float) -> str:
 def format_plan(preds, *, verbose: bool = False) -> str:
     """A tabulate table of Predictions, ``*`` on the fastest legal one; reasons in full when verbose."""
     legal = [p for p in preds if p.ok]
-    best = min(legal, key=lambda p: p.total_s).strategy if legal else None
+    best = min(legal, key=lambda p: p.total_s) if legal else None
     rows = []
     for p in preds:
-        mark = "*" if p.strategy == best else ""
+        mark = "*" if p is best else ""
         if not p.ok:
-            rows.append([p.strategy, short_reason(p.error), "", "", "", "", "", "", ""])
+            rows.append([p.layout, short_reason(p.error), "", "", "", "", "", "", ""])
             continue
-        rows.append([p.strategy, p.collectives, _mib(p.comm_bytes_per_layer), f"{p.comm_s_per_layer * 1e6:,.1f}",
+        rows.append([p.layout, p.collectives, _mib(p.comm_bytes_per_layer), f"{p.comm_s_per_layer * 1e6:,.1f}",
                      f"{p.compute_s_per_layer * 1e6:,.1f}", f"{(p.other_comm_s + p.other_compute_s) * 1e3:,.2f}",
                      f"{p.total_s * 1e3:,.2f}", f"{p.weight_bytes / 2**30:,.2f}", mark])
-    headers = ["strategy", "collectives / layer", "MiB / layer", "comm us / layer", "compute us / layer",
+    headers = ["layout", "collectives / layer", "MiB / layer", "comm us / layer", "compute us / layer",
                "non-layer ms", "prefill ms", "weights GiB / rank", "fastest"]
     text = tabulate(rows, headers=headers, disable_numparse=True, colalign=("left", "left") + ("right",) * 7)
     if verbose:
-        text += "\n" + "\n".join(f"\n{p.strategy}: {p.error}" for p in preds if not p.ok)
+        text += "\n" + "\n".join(f"\n{p.layout}: {p.error}" for p in preds if not p.ok)
     return text + "\n"
 
 
@@ -66,7 +67,7 @@ def _cmd_plan(args) -> int:
     t0 = time.perf_counter()
     preds = plan(config, world=args.world_size, seq_len=args.seq_len, batch=args.batch, machine=machine,
                  strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion,
-                 expert_parallel=args.expert_parallel)
+                 expert_parallel=args.expert_parallel, gpus_per_node=args.gpus_per_node)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps([p.as_dict() for p in preds], indent=1))
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-fusion", action="store_true", help="price every memory-bound op as its own kernel")
     sp.add_argument("--expert-parallel", action="store_true",
                     help="mixtures of experts: each rank holds E/N of the experts (options['expert_parallel'])")
+    sp.add_argument("--gpus-per-node", type=int, default=None,
+                    help="ranks per node (default: the machine profile's; 0: one node). Collectives across "
+                         "nodes run on the network link, and two-level layouts (tp inside a node, tp_size) "
+                         "are listed too")
     sp.add_argument("--json", action="store_true", help="print the predictions as JSON")
     sp.add_argument("--verbose", action="store_true", help="print the full reason of unavailable strategies")
     sp.set_defaults(func=_cmd_plan)

@@ -87,8 +87,9 @@ class Options:
         if self.tp_size == 1:
             return
         if "auto" in names:
-            raise OptionsError(f"strategy='auto' does not price two-level layouts yet; with tp_size={self.tp_size} "
-                               f"name the strategy across groups: one of {list(ACROSS_GROUPS)}")
+            raise OptionsError(f"strategy='auto' chooses tp_size itself (two-level layouts on a machine profile "
+                               f"of several nodes); drop tp_size={self.tp_size}, or name the strategy across "
+                               f"groups: one of {list(ACROSS_GROUPS)}")
         if names - set(ACROSS_GROUPS):
             raise OptionsError(f"tp_size={self.tp_size} runs tp inside each group and splits the sequence across "
                                f"groups with one of {list(ACROSS_GROUPS)}; {sorted(names - set(ACROSS_GROUPS))} "

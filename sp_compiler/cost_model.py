@@ -31,7 +31,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -42,7 +42,7 @@ from .errors import SeqparError
 
 __all__ = [
     "MachineProfile", "PROFILES", "ProfileError", "Prediction", "LayerCost", "RING_FACTORS",
-    "get_profile", "cuda_profile_name", "profile_names", "collective_time", "node_flops", "node_bytes", "node_time",
+    "get_profile", "cuda_profile_name", "profile_names", "collective_time", "spans_nodes", "node_flops", "node_bytes", "node_time",
     "node_layers", "node_kind", "fusion_groups", "is_decoder_layer", "layer_costs", "predict",
     "calibration_path", "load_calibration", "calibrate", "fit_latency_bw", "model_dtype", "dtype_scale",
 ]
@@ -61,6 +61,8 @@ class MachineProfile:
     link_bw: collective bus bandwidth per GPU in bytes/s (NCCL-tests ``busbw``);
     link_latency_s: fixed cost of one collective call; peak_flops: dense FLOP/s in ``dtype``;
     mem_bw: device memory bandwidth in bytes/s; dtype: the precision the plan builds the model in.
+    Several nodes: ``gpus_per_node`` consecutive ranks share a node (``link_*``, NVLink); a collective
+    whose ranks span nodes runs at ``node_link_bw`` / ``node_link_latency_s`` (the network). 0: one node.
     """
     name: str
     link_bw: float
@@ -69,6 +71,9 @@ class MachineProfile:
     mem_bw: float
     dtype: str = "bfloat16"
     source: str = ""
+    gpus_per_node: int = 0
+    node_link_bw: float = 45e9
+    node_link_latency_s: float = 30e-6
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,6 +92,9 @@ PROFILES: Dict[str, MachineProfile] = {
                                   mem_bw=2.0e12, source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, "
                                                         "NCCL-tests busbw ~230-240 GB/s on 8 GPUs"),
 }
+PROFILES["h100-ib"] = replace(PROFILES["h100-nvlink"], name="h100-ib", gpus_per_node=8,
+                              source="nodes of 8 H100 SXM5 on NVLink4, one 400 Gb/s InfiniBand NIC per GPU "
+                                     "across nodes: 50 GB/s line rate, NCCL-tests busbw ~45 GB/s, ~30 us")
 
 CPU_PROFILE = "cpu-gloo"
 
@@ -129,13 +137,25 @@ def get_profile(machine) -> MachineProfile:
 
 # ----------------------------------------------------------------------------- communication
 
-def collective_time(kind: str, nbytes: float, world: int, machine: MachineProfile) -> float:
-    """Seconds for one collective of NCCL-tests size ``nbytes`` over ``world`` ranks (ring model)."""
+def collective_time(kind: str, nbytes: float, world: int, machine: MachineProfile,
+                    across_nodes: bool = False) -> float:
+    """Seconds for one collective of NCCL-tests size ``nbytes`` over ``world`` ranks (ring model), on
+    the network where its ranks span nodes (a ring is as fast as its slowest hop)."""
     if kind not in RING_FACTORS:
         raise ProfileError(f"no bandwidth model for collective {kind!r}; known: {sorted(RING_FACTORS)}")
     if world <= 1:
         return 0.0
-    return machine.link_latency_s + nbytes * RING_FACTORS[kind](world) / machine.link_bw
+    latency, bw = ((machine.node_link_latency_s, machine.node_link_bw) if across_nodes
+                   else (machine.link_latency_s, machine.link_bw))
+    return latency + nbytes * RING_FACTORS[kind](world) / bw
+
+
+def spans_nodes(row: dict, ctx, machine: MachineProfile) -> bool:
+    """Whether the ranks of collective ``row`` sit on more than one node: a tp row of a two-level layout
+    runs among T consecutive ranks; every other row among ranks spread over all N (``sp_compiler.mesh``)."""
+    per_node = machine.gpus_per_node
+    T = ctx.inner.world if ctx.inner is not None else 1
+    return bool(per_node) and (T if row.get("mesh") == "tp" else ctx.world * T) > per_node
 
 
 # ----------------------------------------------------------------------------- compute
@@ -392,7 +412,8 @@ def layer_costs(gm: torch.fx.GraphModule, ctx, machine: MachineProfile, fusion: 
         c = costs.setdefault(row["layer"], LayerCost())
         nbytes = row["bytes"] * (scale if _is_float_dtype(row.get("dtype")) else 1.0)
         c.comm_bytes += nbytes
-        c.comm_s += collective_time(row["kind"], nbytes, ctx.world, machine)
+        world = ctx.inner.world if row.get("mesh") == "tp" else ctx.world
+        c.comm_s += collective_time(row["kind"], nbytes, world, machine, spans_nodes(row, ctx, machine))
         c.collectives[row["kind"]] += 1
     return costs
 
@@ -423,10 +444,16 @@ class Prediction:
     weight_bytes: float = 0.0             # parameters this rank holds (the whole model's on every rank for SP)
     total_s: float = math.inf
     error: Optional[str] = None
+    tp_size: int = 1                       # > 1: a two-level layout, tp inside groups of tp_size ranks
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def layout(self) -> str:
+        """'ulysses', or 'ulysses x tp8' for a two-level layout."""
+        return self.strategy if self.tp_size == 1 else f"{self.strategy} x tp{self.tp_size}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -450,11 +477,13 @@ def predict(gm: torch.fx.GraphModule, ctx, machine, num_layers: int, fusion: boo
     other_compute = sum(c.compute_s for c in other)
     extra = max(num_layers - len(layers), 0)
     total = sum(costs[name].total_s for name in layers) + extra * steady.total_s + other_comm + other_compute
-    return Prediction(strategy=ctx.options.strategy, machine=machine.name, world=ctx.world, batch=ctx.batch,
+    T = ctx.options.tp_size
+    return Prediction(strategy=ctx.options.strategy, machine=machine.name, world=ctx.world * T, batch=ctx.batch,
                       seq_len=ctx.seq_len, num_layers=num_layers, rank=ctx.rank, collectives=steady.describe(),
                       comm_bytes_per_layer=steady.comm_bytes, comm_s_per_layer=steady.comm_s,
                       compute_s_per_layer=steady.compute_s, other_comm_s=other_comm,
-                      other_compute_s=other_compute, weight_bytes=ctx.weight_bytes(num_layers)[0], total_s=total)
+                      other_compute_s=other_compute, weight_bytes=ctx.weight_bytes(num_layers)[0], total_s=total,
+                      tp_size=T)
 
 
 # ----------------------------------------------------------------------------- calibration

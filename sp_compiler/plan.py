@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 from .cost_model import Prediction, get_profile, predict
 from .errors import PlanError
-from .pricing import best_of, price_strategies, ranks_to_price, strategy_names
+from .pricing import best_of, price_strategies, ranks_to_price, strategy_names, two_level_sizes
 from .strategies import STRATEGIES
 from .testing import fake_process_group, seqpar_error
 
@@ -209,7 +210,7 @@ def transform(config, *, strategy: str, world: int, rank: int = 0, batch: int = 
 def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",
          strategies: Optional[Sequence[str]] = None, layers: int = 2, fusion: bool = True,
          call: Optional[Mapping] = None, outputs: str = "replicate",
-         expert_parallel: bool = False) -> List[Prediction]:
+         expert_parallel: bool = False, gpus_per_node: Optional[int] = None) -> List[Prediction]:
     """One Prediction per strategy (its slowest rank), in ``STRATEGIES`` order; illegal ones carry
     ``error`` (the engine's reason). Dynamo traces the weightless model once and seqpar captures it
     once; every strategy's pipeline then runs on a copy (``price_strategies``).
@@ -219,6 +220,8 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     (e.g. ``{"logits_to_keep": 1, "use_cache": True}``; see :func:`dynamo_graph`); ``outputs`` is the
     backend option of that name (``"local"``: each rank keeps its rows of the outputs, e.g. the KV cache),
     and so is ``expert_parallel`` (each rank holds E/N of a mixture of experts' experts).
+    ``gpus_per_node`` (else the profile's): a world of several nodes, whose collectives across nodes run
+    on the profile's network link; two-level layouts (``tp_size``: tp inside a node) are priced too.
     """
     from passes import capture_graph
 
@@ -226,6 +229,8 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
     from .config import Options
 
     machine = get_profile(machine)
+    if gpus_per_node is not None:
+        machine = dataclasses.replace(machine, gpus_per_node=gpus_per_node)
     names = strategy_names(strategies)
     _check_seq_len(config, seq_len, batch)
     fm = build_fake_model(config, layers=layers, dtype=machine.torch_dtype)
@@ -237,7 +242,8 @@ def plan(config, *, world: int, seq_len: int, batch: int = 1, machine="h100-nvli
             options = Options.from_dict({"lower": "eager", "outputs": outputs, "expert_parallel": expert_parallel})
             return price_strategies(captured, inputs, fqns, options, world, machine,
                                     num_layers=config.num_hidden_layers, strategies=names,
-                                    group=dist.group.WORLD.group_name, fusion=fusion)
+                                    group=dist.group.WORLD.group_name, fusion=fusion,
+                                    tp_sizes=two_level_sizes(world, machine))
 
 
 def choose(config, world: int, seq_len: int, batch: int = 1, machine="h100-nvlink",

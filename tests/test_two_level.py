@@ -83,7 +83,7 @@ def test_per_layer_strategies_across_groups():
     ({"strategy": "ulysses", "tp_size": 3}, "does not divide the world size 4"),
     ({"strategy": "tp", "tp_size": 2}, "cannot run across groups"),
     ({"strategy": "megatron_sp", "tp_size": 2}, "cannot run across groups"),
-    ({"strategy": "auto", "tp_size": 2}, "does not price two-level layouts"),
+    ({"strategy": "auto", "tp_size": 2}, "chooses tp_size itself"),
     ({"strategy": "ulysses", "tp_size": 2, "outputs": "local"}, "does not support outputs"),
     ({"strategy": "ulysses", "tp_size": 0}, "positive int"),
 ])
@@ -182,3 +182,57 @@ def test_two_level_generate_matches_one_device():
     _, gen, _ = _reference()
     for rank, got in enumerate(_gloo()):
         assert torch.equal(got["generate"], gen), (rank, got["generate"], gen)
+
+
+# ----------------------------------------------------------------------------- pricing two levels
+
+def test_each_collective_is_priced_on_its_link():
+    """Nodes of 2 ranks, 4 ranks in all, tp_size 2: the tp rows run inside a node (NVLink numbers), the
+    sp rows across nodes (the network's); a layer's communication time is their sum, by the ring model."""
+    from sp_compiler.cost_model import MachineProfile, RING_FACTORS, layer_costs
+    from sp_compiler.plan import transform
+
+    machine = MachineProfile("two-links", link_bw=100e9, link_latency_s=1e-6, peak_flops=1e12, mem_bw=1e11,
+                             dtype="float32", gpus_per_node=2, node_link_bw=10e9, node_link_latency_s=5e-6)
+    fm = fake_model("llama", layers=LAYERS, vocab=V, **DIMS)
+    gm, ctx = transform(fm.config, strategy="ulysses", world=4, batch=B, seq_len=S, model=fm, options={"tp_size": 2})
+    rows = [r for r in ctx.collectives if r["layer"] == "model.layers.1"]
+    want = sum(1e-6 + r["bytes"] * RING_FACTORS[r["kind"]](2) / 100e9 if r["mesh"] == "tp"
+               else 5e-6 + r["bytes"] * RING_FACTORS[r["kind"]](2) / 10e9 for r in rows)
+    assert {r["mesh"] for r in rows} == {"tp", "sp"}
+    assert layer_costs(gm, ctx, machine)["model.layers.1"].comm_s == pytest.approx(want)
+
+
+def test_plan_lists_two_level_layouts_on_several_nodes():
+    """``seqpar plan --gpus-per-node``: every T that divides the node and the world, for each strategy that
+    runs across groups; one node lists none. The weights a rank holds shrink with T."""
+    from sp_compiler.plan import plan
+
+    config = fake_model("llama", layers=LAYERS, vocab=V, **DIMS).config
+    preds = plan(config, world=8, seq_len=64, machine="h100-ib", gpus_per_node=4)
+    two = {p.layout: p for p in preds if p.tp_size > 1}
+    assert sorted(two) == sorted(f"{s} x tp{T}" for s in ACROSS for T in (2, 4)), sorted(two)
+    assert all(p.ok and p.world == 8 for p in two.values()), [p.error for p in two.values()]
+    assert two["ulysses x tp4"].weight_bytes < two["ulysses x tp2"].weight_bytes
+    assert not [p for p in plan(config, world=8, seq_len=64, machine="h100-ib", gpus_per_node=0) if p.tp_size > 1]
+
+
+def test_auto_chooses_a_two_level_layout_when_the_network_is_slow(monkeypatch):
+    """``strategy="auto"`` on 16 ranks in nodes of 8 prices the two-level layouts beside the others; with
+    a network 1000x slower than NVLink the fewest bytes across nodes win: tp inside the whole node (T = 8),
+    and the compile then runs on that mesh."""
+    import dataclasses
+
+    import sp_compiler.backend as backend
+    from sp_compiler.cost_model import PROFILES
+    from sp_compiler.testing import fake_process_group
+
+    slow = dataclasses.replace(PROFILES["h100-ib"], name="slow-network", node_link_bw=PROFILES["h100-ib"].link_bw / 1000)
+    monkeypatch.setattr(backend, "machine_profile", lambda: slow)
+    model = build_model("llama", heads=16, kv_heads=16, hidden=256)
+    with fake_process_group(16, 5), torch.no_grad():
+        model.compile(backend="seqpar", options={"strategy": "auto", "lower": "eager"})
+        model(torch.zeros(1, 64, dtype=torch.long), use_cache=False)
+    _, ctx = backend.last_graph()
+    assert ctx.options.tp_size == 8 and ctx.options.strategy in ACROSS, ctx.options
+    assert (ctx.world, ctx.rank, ctx.inner.world, ctx.inner.rank) == (2, 0, 8, 5)

@@ -1,0 +1,84 @@
+"""Two-level layouts (``options["tp_size"]``, ``sp_compiler.mesh``): what ``run_layout`` does around the
+two runs of the pipeline.
+
+    captured [B, S, E]  -- pipeline, tp with world T on the group --------->  [B, S, E], weights / T,
+                                                                              all_reduce on tp
+                        -- drop placements; inputs := this rank's tp slices
+                        -- pipeline, strategy with world G across groups -->  [B, S/G, E], all_to_all or
+                                                                              all_gather on sp
+                        -- merge: one context, as Dynamo's inputs see it
+
+The second run reads the first one's graph as a one-level graph whose weights are this rank's slices
+(q/k/v, o, gate/up, down, the experts; the embedding and lm_head stay whole, ``TP_IN_GROUP``). The
+first run's collectives are ops it propagates through (``rules._in_group_rule``); its KV cache outputs
+stay split by heads until the second run made their rows whole (``passes/gather_in_group``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sp_compiler.context import INSERTED, PLACEMENT, PassContext, layer_of
+from sp_compiler.mesh import Axis
+from sp_compiler.strategies import TP_IN_GROUP
+
+from .lower import local_example_inputs
+
+__all__ = ["INNER_KEYS", "inner_context", "drop_placements", "outer_inputs", "merge"]
+
+#: the PassContext fields the tp step shares with the step across groups
+INNER_KEYS = ("short", "one_in_flight", "whole_outputs", "reads_cache")
+
+c10d = torch.ops._c10d_functional
+_GROUP_COLLECTIVES = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_into_tensor.default: "all_gather",
+                      c10d.reduce_scatter_tensor.default: "reduce_scatter"}
+
+
+def inner_context(opts, tp: Axis, example_inputs, fqns, fakes=None, **shared) -> PassContext:
+    """The context of the tp step: ``tp`` among the T ranks of this rank's group, on their process group.
+    A prefill keeps its K/V outputs split by heads (outputs="local"), for ``gather_in_group``; a call
+    too short to split runs whole, as the step across groups does."""
+    inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1,
+                                     outputs="replicate" if shared.get("short") else "local")
+    return PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
+                       fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, **shared)
+
+
+def drop_placements(gm: torch.fx.GraphModule) -> None:
+    """The tp step's annotations off every node: the next run places the graph afresh."""
+    for node in gm.graph.nodes:
+        node.meta.pop(PLACEMENT, None)
+        node.meta.pop(INSERTED, None)
+
+
+def outer_inputs(inner: PassContext, fakes=None):
+    """(inputs, fakes) of the step across groups: the tp slices in place of the whole weights; a sliced
+    input's Dynamo fake dropped, so it is faked from its slice."""
+    fakes = fakes and [None if i in inner.local_inputs else f for i, f in enumerate(fakes)]
+    return local_example_inputs(inner), fakes
+
+
+def merge(gm: torch.fx.GraphModule, ctx: PassContext, example_inputs) -> None:
+    """Both steps in ``ctx``, as Dynamo's inputs see them: a weight's piece is its tp slice, cut again
+    where the step across groups cuts it too; the collective rows are both steps', each with its
+    ``mesh`` dimension, the tp ones read off the final graph (their sizes local across groups)."""
+    inner = ctx.inner
+    ctx.full_inputs = list(example_inputs)
+    ctx.local_inputs = {**inner.local_inputs, **ctx.local_inputs}
+    tp_rows = [_group_row(n, inner.world) for n in gm.graph.nodes
+               if n.op == "call_function" and n.target in _GROUP_COLLECTIVES and inner.group_name in n.args]
+    ctx.collectives = [dict(r, mesh="tp") for r in tp_rows] + [dict(r, mesh="sp") for r in ctx.collectives]
+
+
+def _group_row(node, T: int) -> dict:
+    """The row of a tp collective of the final graph: all_reduce by the tensor it sums, all_gather as
+    [T, numel] (as ``collectives.Builder.record`` writes them), in the layer of what it reads."""
+    x = node.args[0].meta["val"]
+    kind = _GROUP_COLLECTIVES[node.target]
+    shape = tuple(x.shape) if kind != "all_gather" else (T, x.numel())
+    maker = node.args[0]
+    while "nn_module_stack" not in maker.meta and maker.all_input_nodes:     # above the collective's own packing
+        maker = maker.all_input_nodes[0]
+    return dict(layer=layer_of(maker), kind=kind, dim=None, shape=shape, dtype=str(x.dtype).replace("torch.", ""),
+                bytes=x.numel() * x.element_size() * (T if kind == "all_gather" else 1), what="")
