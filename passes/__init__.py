@@ -13,6 +13,7 @@ groups (``passes/two_level``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
@@ -94,6 +95,7 @@ def run_layout(captured: torch.fx.GraphModule, example_inputs, fqns, opts, mesh,
                                        f"{e}. With tp_size, the fix is a tp_size that divides these counts") from e
         two_level.drop_placements(captured)
         inputs, fakes = two_level.outer_inputs(inner, fakes)
+        opts = dataclasses.replace(opts, checkpoint=None)            # the tp run read every stand-in
     ctx = PassContext(opts, mesh.sp.size, mesh.sp.rank, mesh.sp.group_name, inputs, list(fqns),
                       fakes=list(fakes) if fakes is not None else None, inner=inner, **context)
     gm = run_pipeline(captured, ctx, on_pass=on_pass)

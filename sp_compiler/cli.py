@@ -19,6 +19,7 @@ transformers' ``tp_plan="auto"``, with the cost model's prediction beside each (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -64,6 +65,8 @@ def _cmd_plan(args) -> int:
 
     config = load_config(args.model)
     machine = get_profile(args.machine)
+    if args.gpus_per_node is not None:
+        machine = dataclasses.replace(machine, gpus_per_node=args.gpus_per_node)
     t0 = time.perf_counter()
     preds = plan(config, world=args.world_size, seq_len=args.seq_len, batch=args.batch, machine=machine,
                  strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion,
@@ -72,7 +75,9 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(json.dumps([p.as_dict() for p in preds], indent=1))
         return 0
-    print(f"{args.model}: {config.num_hidden_layers} layers, world {args.world_size}, batch {args.batch} x seq "
+    nodes = (f" in nodes of {machine.gpus_per_node} (network across nodes: {machine.node_link_bw / 1e9:.0f} GB/s, "
+             f"{machine.node_link_latency_s * 1e6:.0f} us)" if machine.gpus_per_node else "")
+    print(f"{args.model}: {config.num_hidden_layers} layers, world {args.world_size}{nodes}, batch {args.batch} x seq "
           f"{args.seq_len}, {machine.name} ({machine.dtype}); per layer = one steady-state decoder layer, "
           f"prefill = {config.num_hidden_layers} layers + non-layer parts (embedding, masks, lm_head, logits "
           f"gather); planned in {elapsed:.1f} s\n")

@@ -12,7 +12,8 @@ computed here from the model's dimensions (never read back from the engine):
 
 On 4 gloo ranks (2 x 2), against one process: HF's default call (``use_cache=True``) on a padded batch
 of a length G does not divide, with its KV cache, under ulysses and zig-zag across groups (``--full``:
-vanilla_sp too), both levels' collectives one at a time; and a greedy ``generate``.
+vanilla_sp too), both levels' collectives one at a time; a greedy ``generate``; and ``from_pretrained``
+reading each rank's slices from a checkpoint.
 """
 from __future__ import annotations
 
@@ -125,10 +126,11 @@ def _inputs():
     return ids, padded_mask(2, PROMPT)
 
 
-def _rank_body():
+def _rank_body(checkpoint):
     import torch._dynamo
 
     from passes.one_in_flight import most_in_flight
+    from sp_compiler import from_pretrained
     from sp_compiler.backend import last_graph
 
     ids, mask = _inputs()
@@ -147,13 +149,25 @@ def _rank_body():
     model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "aot_eager", "tp_size": 2})
     with torch.no_grad():
         out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()
+    model = from_pretrained(checkpoint, strategy="vanilla_sp_zigzag", tp_size=2, lower="aot_eager")
+    with torch.no_grad():
+        out["checkpoint"] = (model(ids, attention_mask=mask).logits, last_graph()[1].weight_bytes())
     return out
 
 
-def _gloo():
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny Llama of these tests, saved as HF saves it."""
+    path = tmp_path_factory.mktemp("two-level") / "llama"
+    build_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def _gloo(checkpoint):
     from sp_compiler.testing import run_ranks
 
-    return cached_run("two-level-gloo", run_ranks, _rank_body, 4, timeout=600)
+    return cached_run("two-level-gloo", run_ranks, _rank_body, 4, checkpoint, timeout=600)
 
 
 def _reference():
@@ -167,9 +181,9 @@ def _reference():
 
 
 @pytest.mark.parametrize("strategy", GLOO)
-def test_two_level_matches_one_device(strategy):
+def test_two_level_matches_one_device(strategy, checkpoint):
     want, _, real = _reference()
-    for rank, got in enumerate(_gloo()):
+    for rank, got in enumerate(_gloo(checkpoint)):
         logits, keys, values, in_flight = got[strategy]
         assert in_flight == 1, (strategy, rank, in_flight)          # gloo: both levels' collectives, one at a time
         assert (logits - want.logits)[real].abs().max() < 1e-5, (strategy, rank)
@@ -178,10 +192,26 @@ def test_two_level_matches_one_device(strategy):
             assert (values[i] - layer.values).abs().max() < 1e-5, (strategy, rank, i)
 
 
-def test_two_level_generate_matches_one_device():
+def test_two_level_generate_matches_one_device(checkpoint):
     _, gen, _ = _reference()
-    for rank, got in enumerate(_gloo()):
+    for rank, got in enumerate(_gloo(checkpoint)):
         assert torch.equal(got["generate"], gen), (rank, got["generate"], gen)
+
+
+def test_two_level_reads_its_slices_from_a_checkpoint(checkpoint):
+    """``from_pretrained(path, tp_size=2)``: the tp run reads each rank's slices from the safetensors
+    files (the run across groups keeps them); the answer is ``AutoModelForCausalLM.from_pretrained``'s,
+    and a rank holds its half of every sliced weight beside the whole embedding, lm_head and norms."""
+    from transformers import AutoModelForCausalLM
+
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(checkpoint)(ids, attention_mask=mask).logits
+    sliced = sum(p.numel() * 4 for name, p in build_model("llama").named_parameters() if name.endswith("proj.weight"))
+    for rank, got in enumerate(_gloo(checkpoint)):
+        logits, (mine, whole) = got["checkpoint"]
+        assert (logits - want)[mask.bool()].abs().max() < 1e-5, rank
+        assert mine == whole - sliced // 2, (rank, mine, whole, sliced)
 
 
 # ----------------------------------------------------------------------------- pricing two levels
