@@ -100,7 +100,8 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
                               whole_outputs=latent_cache_outputs(captured, caches),
                               reads_cache=reads_kv_cache(gm, example_inputs))
     _compiles[0] += 1
-    header = f"strategy={opts.strategy} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
+    level = f" tp_size={opts.tp_size} (tp rank {ctx.inner.rank}; world and rank across groups)" if ctx.inner else ""
+    header = f"strategy={opts.strategy}{level} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
     dumper.collectives(ctx.collectives, header)
     dumper.attention_work(ctx.attention_work)
     layout = layout_of(ctx)

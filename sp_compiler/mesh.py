@@ -47,7 +47,8 @@ def world_info() -> Tuple[int, int, Optional[str]]:
     return 1, 0, None
 
 
-# (the default group, T) -> (its mesh); the group object is kept, so a new default group never matches
+# T -> (the default group it was made in, its mesh); the group object is kept, so a later default group
+# (a new init_process_group) never matches a stale entry
 _meshes: Dict[int, tuple] = {}
 
 

@@ -950,7 +950,8 @@ def _default_rule(node, ctx, P):
     ins = tensor_inputs(node)
     pl = [P(x) for x in ins]
     if any(is_shard(p) for p in pl):
+        other = ("run this layer under a strategy that keeps it replicated ('tp' splits only heads and features)"
+                 if ctx.strategy_for(node).seq_sharded else "a strategy that does not split this op's input")
         raise UnsupportedOpError(node, "this op has no sharding rule and sits on a sharded path", placements=pl,
-                                 hint="add a rule for it in sp_compiler/rules.py (RULES), or choose 'tp' "
-                                      "which keeps the residual stream replicated")
+                                 hint=f"add a rule for it in sp_compiler/rules.py (RULES), or {other}")
     return _replicated_only_rule(node, ctx, P)

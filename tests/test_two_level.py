@@ -117,7 +117,8 @@ def test_heads_tp_size_does_not_divide_raise():
 # ----------------------------------------------------------------------------- 4 gloo ranks, 2 x 2
 
 PROMPT = 13                                        # G = 2 does not divide it
-#: CI's cut: vanilla_sp (zig-zag covers the rows layout; the fake groups above check vanilla_sp's collectives)
+#: CI's cut: vanilla_sp (zig-zag covers the rows layout; the fake groups above check vanilla_sp's collectives).
+#: Zig-zag's model is read from a checkpoint (``from_pretrained``), ulysses's also generates.
 GLOO = full_or(("ulysses", "vanilla_sp_zigzag"), ACROSS)
 
 
@@ -127,6 +128,8 @@ def _inputs():
 
 
 def _rank_body(checkpoint):
+    """Per strategy across groups: HF's default call (zig-zag's model read from the checkpoint), then for
+    ulysses a greedy generation on the same compiled model."""
     import torch._dynamo
 
     from passes.one_in_flight import most_in_flight
@@ -137,22 +140,18 @@ def _rank_body(checkpoint):
     out = {}
     for strategy in GLOO:
         torch._dynamo.reset()
-        model = build_model("llama")
-        model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "tp_size": 2})
+        if strategy == "vanilla_sp_zigzag":
+            model = from_pretrained(checkpoint, strategy=strategy, tp_size=2, lower="aot_eager")
+        else:
+            model = build_model("llama")
+            model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "tp_size": 2})
         with torch.no_grad():
             r = model(ids, attention_mask=mask)
-        out[strategy] = (r.logits, [layer.keys for layer in r.past_key_values.layers],
-                         [layer.values for layer in r.past_key_values.layers],
-                         most_in_flight(last_graph()[0].graph))
-    torch._dynamo.reset()
-    model = build_model("llama")
-    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "aot_eager", "tp_size": 2})
-    with torch.no_grad():
-        out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
-    torch._dynamo.reset()
-    model = from_pretrained(checkpoint, strategy="vanilla_sp_zigzag", tp_size=2, lower="aot_eager")
-    with torch.no_grad():
-        out["checkpoint"] = (model(ids, attention_mask=mask).logits, last_graph()[1].weight_bytes())
+            out[strategy] = (r.logits, [layer.keys for layer in r.past_key_values.layers],
+                             [layer.values for layer in r.past_key_values.layers],
+                             most_in_flight(last_graph()[0].graph), last_graph()[1].weight_bytes())
+            if strategy == "ulysses":
+                out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
     return out
 
 
@@ -184,7 +183,7 @@ def _reference():
 def test_two_level_matches_one_device(strategy, checkpoint):
     want, _, real = _reference()
     for rank, got in enumerate(_gloo(checkpoint)):
-        logits, keys, values, in_flight = got[strategy]
+        logits, keys, values, in_flight, _ = got[strategy]
         assert in_flight == 1, (strategy, rank, in_flight)          # gloo: both levels' collectives, one at a time
         assert (logits - want.logits)[real].abs().max() < 1e-5, (strategy, rank)
         for i, layer in enumerate(want.past_key_values.layers):
@@ -199,18 +198,12 @@ def test_two_level_generate_matches_one_device(checkpoint):
 
 
 def test_two_level_reads_its_slices_from_a_checkpoint(checkpoint):
-    """``from_pretrained(path, tp_size=2)``: the tp run reads each rank's slices from the safetensors
-    files (the run across groups keeps them); the answer is ``AutoModelForCausalLM.from_pretrained``'s,
-    and a rank holds its half of every sliced weight beside the whole embedding, lm_head and norms."""
-    from transformers import AutoModelForCausalLM
-
-    ids, mask = _inputs()
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(checkpoint)(ids, attention_mask=mask).logits
+    """``from_pretrained(path, tp_size=2)`` (zig-zag across groups, checked against one device above): the
+    tp run reads each rank's slices from the safetensors files and the run across groups keeps them; a
+    rank holds its half of every sliced weight beside the whole embedding, lm_head and norms."""
     sliced = sum(p.numel() * 4 for name, p in build_model("llama").named_parameters() if name.endswith("proj.weight"))
     for rank, got in enumerate(_gloo(checkpoint)):
-        logits, (mine, whole) = got["checkpoint"]
-        assert (logits - want)[mask.bool()].abs().max() < 1e-5, rank
+        mine, whole = got["vanilla_sp_zigzag"][4]
         assert mine == whole - sliced // 2, (rank, mine, whole, sliced)
 
 
@@ -266,3 +259,20 @@ def test_auto_chooses_a_two_level_layout_when_the_network_is_slow(monkeypatch):
     _, ctx = backend.last_graph()
     assert ctx.options.tp_size == 8 and ctx.options.strategy in ACROSS, ctx.options
     assert (ctx.world, ctx.rank, ctx.inner.world, ctx.inner.rank) == (2, 0, 8, 5)
+
+
+def test_a_weight_loaded_after_the_compile_is_cut_as_at_the_compile():
+    """``PassContext.piece`` (what ``lower`` re-slices a weight loaded in place with) composes both levels:
+    on rank 3 of 4 (t = 1, g = 1) it cuts from each whole weight exactly the piece the compile cut."""
+    from sp_compiler.backend import last_graph
+    from sp_compiler.testing import fake_process_group
+
+    model = build_model("llama")
+    with fake_process_group(4, 3), torch.no_grad():
+        model.compile(backend="seqpar", options={"strategy": "ulysses", "tp_size": 2, "lower": "eager"})
+        model(torch.zeros(1, 8, dtype=torch.long), use_cache=False)
+    _, ctx = last_graph()
+    assert ctx.inner.rank == 1 and ctx.inner.local_inputs
+    for i, local in ctx.local_inputs.items():
+        assert torch.equal(ctx.piece(i, ctx.full_inputs[i]), local), ctx.input_fqns[i]
+        assert ctx.slices(i)
