@@ -39,7 +39,7 @@ def inner_context(opts, tp: Axis, example_inputs, fqns, fakes=None, **shared) ->
     """The context of the tp step: ``tp`` among the T ranks of this rank's group, on their process group.
     A prefill keeps its K/V outputs split by heads (outputs="local"), for ``gather_in_group``; a call
     too short to split runs whole, as the step across groups does."""
-    inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1,
+    inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1, expert_parallel=False,
                                      outputs="replicate" if shared.get("short") else "local")
     return PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
                        fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, **shared)

@@ -129,7 +129,7 @@ def _inputs():
 
 def _rank_body(checkpoint):
     """Per strategy across groups: HF's default call (zig-zag's model read from the checkpoint), then for
-    ulysses a greedy generation on the same compiled model."""
+    ulysses a greedy generation on the same compiled model; Mixtral with its experts split across groups."""
     import torch._dynamo
 
     from passes.one_in_flight import most_in_flight
@@ -152,6 +152,12 @@ def _rank_body(checkpoint):
                              most_in_flight(last_graph()[0].graph), last_graph()[1].weight_bytes())
             if strategy == "ulysses":
                 out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()
+    model = build_model("mixtral")
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "aot_eager", "tp_size": 2,
+                                             "expert_parallel": True})
+    with torch.no_grad():
+        out["mixtral-ep"] = model(ids, attention_mask=mask).logits
     return out
 
 
@@ -195,6 +201,30 @@ def test_two_level_generate_matches_one_device(checkpoint):
     _, gen, _ = _reference()
     for rank, got in enumerate(_gloo(checkpoint)):
         assert torch.equal(got["generate"], gen), (rank, got["generate"], gen)
+
+
+def test_experts_split_across_groups_and_sliced_within():
+    """expert_parallel with tp_size: each group holds E/G experts (the run across groups splits them), each
+    rank their columns / T (the tp run slices them); the tokens travel to their experts' group by
+    all_to_all on sp, beside ulysses's two."""
+    from sp_compiler.plan import transform
+
+    fm = fake_model("mixtral", layers=LAYERS, vocab=V)
+    _, ctx = transform(fm.config, strategy="ulysses", world=4, batch=B, seq_len=S, model=fm,
+                       options={"tp_size": 2, "expert_parallel": True})
+    i = next(i for i, f in enumerate(ctx.input_fqns) if f and f.endswith("layers.1.mlp.experts.gate_up_proj"))
+    E, two_i, H = ctx.full_inputs[i].shape                      # [E, 2I, H]: gate | up
+    assert tuple(ctx.local_inputs[i].shape) == (E // 2, two_i // 2, H)
+    kinds = Counter((r["mesh"], r["kind"]) for r in ctx.collectives if r["layer"] == "model.layers.1")
+    assert kinds == {("sp", "all_to_all"): 4, ("tp", "all_reduce"): 2}, kinds
+
+
+def test_two_level_expert_parallel_matches_one_device(checkpoint):
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want = build_model("mixtral")(ids, attention_mask=mask).logits
+    for rank, got in enumerate(_gloo(checkpoint)):
+        assert (got["mixtral-ep"] - want)[mask.bool()].abs().max() < 1e-5, rank
 
 
 def test_two_level_reads_its_slices_from_a_checkpoint(checkpoint):
