@@ -384,6 +384,13 @@ def _reduction_rule(node, ctx, P):
     return Decision(with_dim(p, p.dim - (0 if keep else sum(d < p.dim for d in dims))))
 
 
+def _values_indices_rule(node, ctx, P):
+    """max / min over one dim -> (values, indices), both placed as that reduction places its output
+    (gpt-oss's attention takes the max of its scores and sinks)."""
+    d = _reduction_rule(node, ctx, P)
+    return Decision((d.out, d.out), d.wants)
+
+
 def _layer_norm_rule(node, ctx, P):
     x, normalized = node.args[0], node.args[1]
     wants = {w: Replicate() for w in node.args[2:4] if isinstance(w, Node) and not is_replicate(P(w))}
@@ -921,6 +928,8 @@ RULES: Dict[object, Callable] = {
     aten.repeat_interleave.self_int: _repeat_rule,
     aten.split.Tensor: _split_rule,
     aten.split_with_sizes.default: _split_sizes_rule,
+    aten.max.dim: _values_indices_rule,
+    aten.min.dim: _values_indices_rule,
     aten.copy_.default: _copy_rule,
     aten.constant_pad_nd.default: _pad_rule,
     aten.select.int: _select_rule,

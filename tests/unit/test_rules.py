@@ -668,6 +668,13 @@ case("moe_experts", "whole-weights-wanted-split", _MOE, X(R, 14, H), _offs, _w, 
 case("grouped_mm", "aten-colwise-R@S2", aten._grouped_mm.default, T(rn(14, 8).float()), T(rn(4, 8, 8).float(), S(2)),
      _offs, out=S(1), wants={}, worlds=(2,))
 
+# --- max / min over one dim: (values, indices)
+case("reduction", "max.dim-S1-over-2", aten.max.dim, X(S(1)), 2, True, out=(S(1), S(1)), wants={})
+case("reduction", "min.dim-S1-over-2", aten.min.dim, X(S(1)), -1, out=(S(1), S(1)), wants={})
+_x = X(S(1))
+case("reduction", "max.dim-S1-over-1", aten.max.dim, _x, 1, out=(R, R), wants={_x: R})
+case("reduction", "max.dim-S2-drop-1", aten.max.dim, X(S(2)), 1, out=(S(1), S(1)), wants={})
+
 # --- collectives of a two-level layout's tp-in-group step, seen by the strategy across groups. A stand-in
 # computes what the group's T members give when each holds the same x: the placement across groups the
 # rule says must hold for it (all_gather and reduce_scatter stack the members on dim 0: T times the blocks).
