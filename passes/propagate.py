@@ -19,6 +19,8 @@ strategy slices (tp, megatron_sp) runs on all the tokens instead, as transformer
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.fx import Node
 
@@ -31,6 +33,7 @@ from sp_compiler.rules import MADE, TRANSPARENT, UNIFORM, map_through, rule_for,
 __all__ = ["propagate", "placement_of"]
 
 aten = torch.ops.aten
+log = logging.getLogger("seqpar")
 
 
 def placement_of(n):
@@ -71,7 +74,23 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                     ctx.outputs.append((want, shape_of(out)))
                 else:
                     ctx.outputs.append((None, None))
+    _warn_whole_scores(gm, ctx)
     return gm
+
+
+def _warn_whole_scores(gm, ctx):
+    """Attention seqpar does not recognise (eager attention: gpt-oss's sinks) in a sequence layout gets
+    q, k and v gathered and runs whole on every rank: correct, not parallel. Say so, once per compile:
+    a softmax over keys, [.., S, >= S] scores, left whole in a layer whose strategy splits the sequence."""
+    layers = sorted({layer_path(module_path(n)) for n in gm.graph.nodes
+                     if n.op == "call_function" and n.target == aten._softmax.default
+                     and ctx.seq_len > 1 and len(shape_of(n)) >= 3 and shape_of(n)[-2] == ctx.seq_len
+                     and shape_of(n)[-1] >= ctx.seq_len and isinstance(placement_of(n), Replicate)
+                     and ctx.strategy_for(n).seq_sharded} - {None})
+    if layers:
+        log.warning("seqpar: attention in %s is not one seqpar recognises (eager attention, e.g. with sinks); "
+                    "every rank gathers q, k and v and computes all of its [S, S] scores: exact, not parallel. "
+                    "Fix: load the model with attn_implementation='sdpa' if it supports it", ", ".join(layers))
 
 
 def _output_placement(p, out, ctx):

@@ -317,3 +317,26 @@ def test_moe_matches_one_device(world, case):
             assert torch.equal(got, want), (rank, got, want)
         else:
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank}: {m}")
+
+
+def test_unrecognised_attention_runs_whole_and_says_so(caplog):
+    """gpt-oss's eager attention (sinks; transformers refuses SDPA for it) is no attention op seqpar
+    knows: under a sequence layout every rank gathers q, k, v and computes all the scores. Exact, but
+    not parallel, so the compile warns, naming the layers; the MLP is still sequence-split."""
+    import logging
+
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from sp_compiler.testing import fake_process_group
+
+    torch.manual_seed(0)
+    config = GptOssConfig(hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, num_hidden_layers=2, vocab_size=128, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+                          layer_types=["sliding_attention", "full_attention"])
+    model = GptOssForCausalLM(config).eval()
+    with fake_process_group(2, 0), torch.no_grad(), caplog.at_level(logging.WARNING, logger="seqpar"):
+        model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager"})
+        model(torch.zeros(1, 12, dtype=torch.long), use_cache=False)
+    warned = [r.getMessage() for r in caplog.records if "is not one seqpar recognises" in r.getMessage()]
+    assert len(warned) == 1 and "model.layers.0, model.layers.1" in warned[0], caplog.text
