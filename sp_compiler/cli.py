@@ -8,7 +8,8 @@
     seqpar bench --model bench-125m --layers 2 --seq-lens 1024,4096 --world-size 2 --out DIR
                 (or one process per rank: torchrun --nproc-per-node N -m sp_compiler.cli bench ...)
 
-``plan`` prints one row per layout (a strategy, or a two-level ``strategy x tpT``): the collectives of one (steady-state) layer, their bytes
+``plan`` prints one row per layout (a strategy, or a two-level ``strategy x tpT``): the collectives of
+one (steady-state) layer, their bytes
 (NCCL-tests sizes in the machine's dtype), predicted communication and compute per layer, the
 non-layer parts and the whole prefill; ``*`` marks the fastest. A strategy that cannot run the
 model on that many ranks shows the engine's reason instead.

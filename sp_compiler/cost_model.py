@@ -42,7 +42,8 @@ from .errors import SeqparError
 
 __all__ = [
     "MachineProfile", "PROFILES", "ProfileError", "Prediction", "LayerCost", "RING_FACTORS",
-    "get_profile", "cuda_profile_name", "profile_names", "collective_time", "spans_nodes", "node_flops", "node_bytes", "node_time",
+    "get_profile", "cuda_profile_name", "profile_names", "collective_time", "spans_nodes", "node_flops", "node_bytes",
+    "node_time",
     "node_layers", "node_kind", "fusion_groups", "is_decoder_layer", "layer_costs", "predict",
     "calibration_path", "load_calibration", "calibrate", "fit_latency_bw", "model_dtype", "dtype_scale",
 ]

@@ -485,8 +485,9 @@ def _in_group_rule(node, ctx, P):
                             f"groups", placements=[p], hint="use tp_size=1 for this model")
     if shard_dim(p) != 0 or node.target in (c10d.all_reduce.default, c10d.wait_tensor.default):
         return Decision(p)
-    T, sf = node.args[1] if node.target == c10d.all_gather_into_tensor.default else node.args[2], split_factor(p)
-    if node.target == c10d.all_gather_into_tensor.default:
+    gather = node.target == c10d.all_gather_into_tensor.default
+    T, sf = node.args[1 if gather else 2], split_factor(p)          # (x, T, group) / (x, op, T, group)
+    if gather:
         return Decision(make_shard(0, sf * T))
     if sf % T:
         raise ShardingError(node, f"a reduce_scatter inside a tp group splits dim 0, which is placed {fmt(p)} "

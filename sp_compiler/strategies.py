@@ -33,7 +33,8 @@ from typing import Iterable, Optional, Tuple
 
 from .placements import Placement, Replicate, Shard
 
-__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "TP_IN_GROUP", "short_strategy", "TPRole", "TP_PLAN", "tp_role", "param_role",
+__all__ = ["SEQ_DIM", "Strategy", "STRATEGIES", "TP_IN_GROUP", "short_strategy", "TPRole", "TP_PLAN", "tp_role",
+           "param_role",
            "LayerPlan",
            "LAYER_RE", "layer_path"]
 

@@ -49,7 +49,8 @@ def _expected_layer(strategy, world, T):
     D, L = E // H, S // (world // T)
     tp = [("tp", "all_reduce", B * L * E * FP32)] * 2
     if strategy == "ulysses":
-        sp = [("sp", "all_to_all", B * L * (H + 2 * Hkv) // T * D * FP32), ("sp", "all_to_all", B * L * H // T * D * FP32)]
+        sp = [("sp", "all_to_all", B * L * (H + 2 * Hkv) // T * D * FP32),
+              ("sp", "all_to_all", B * L * H // T * D * FP32)]
     else:
         sp = [("sp", "all_gather", B * S * 2 * Hkv // T * D * FP32)]
     return sorted(tp + sp)
@@ -280,7 +281,8 @@ def test_auto_chooses_a_two_level_layout_when_the_network_is_slow(monkeypatch):
     from sp_compiler.cost_model import PROFILES
     from sp_compiler.testing import fake_process_group
 
-    slow = dataclasses.replace(PROFILES["h100-ib"], name="slow-network", node_link_bw=PROFILES["h100-ib"].link_bw / 1000)
+    ib = PROFILES["h100-ib"]
+    slow = dataclasses.replace(ib, name="slow-network", node_link_bw=ib.link_bw / 1000)
     monkeypatch.setattr(backend, "machine_profile", lambda: slow)
     model = build_model("llama", heads=16, kv_heads=16, hidden=256)
     with fake_process_group(16, 5), torch.no_grad():
