@@ -32,7 +32,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -43,7 +43,7 @@ from .errors import SeqparError
 __all__ = [
     "MachineProfile", "PROFILES", "ProfileError", "Prediction", "LayerCost", "RING_FACTORS",
     "get_profile", "cuda_profile_name", "profile_names", "collective_time", "spans_nodes", "node_flops", "node_bytes",
-    "node_time",
+    "node_time", "live_bytes", "peak_activation_bytes",
     "node_layers", "node_kind", "fusion_groups", "is_decoder_layer", "layer_costs", "predict",
     "calibration_path", "load_calibration", "calibrate", "fit_latency_bw", "model_dtype", "dtype_scale",
 ]
@@ -75,6 +75,7 @@ class MachineProfile:
     gpus_per_node: int = 0
     node_link_bw: float = 45e9
     node_link_latency_s: float = 30e-6
+    memory_bytes: float = 0.0          # device memory (0: unknown); a plan says whether a layout fits it
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -84,13 +85,13 @@ class MachineProfile:
 # Published numbers (dense bf16, no sparsity) and achievable NCCL busbw; sources in docs/cost_model.md.
 PROFILES: Dict[str, MachineProfile] = {
     "h100-nvlink": MachineProfile("h100-nvlink", link_bw=370e9, link_latency_s=15e-6, peak_flops=989e12,
-                                  mem_bw=3.35e12, source="H100 SXM5 datasheet; NVLink4 450 GB/s/dir, "
+                                  mem_bw=3.35e12, memory_bytes=80e9, source="H100 SXM5 datasheet; NVLink4 450 GB/s/dir, "
                                                          "NCCL-tests busbw ~360-400 GB/s on 8 GPUs"),
     "h200-nvlink": MachineProfile("h200-nvlink", link_bw=370e9, link_latency_s=15e-6, peak_flops=989e12,
-                                  mem_bw=4.8e12, source="H200 SXM datasheet (same GH100 compute and NVLink4 "
+                                  mem_bw=4.8e12, memory_bytes=141e9, source="H200 SXM datasheet (same GH100 compute and NVLink4 "
                                                         "as H100, HBM3e 4.8 TB/s)"),
     "a100-nvlink": MachineProfile("a100-nvlink", link_bw=240e9, link_latency_s=15e-6, peak_flops=312e12,
-                                  mem_bw=2.0e12, source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, "
+                                  mem_bw=2.0e12, memory_bytes=80e9, source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, "
                                                         "NCCL-tests busbw ~230-240 GB/s on 8 GPUs"),
 }
 PROFILES["h100-ib"] = replace(PROFILES["h100-nvlink"], name="h100-ib", gpus_per_node=8,
@@ -335,6 +336,53 @@ def is_decoder_layer(layer: str) -> bool:
     return bool(_DECODER.search(layer))
 
 
+def live_bytes(gm: torch.fx.GraphModule, scale: float = 1.0) -> List[float]:
+    """Per node, the bytes of intermediate tensors alive while it runs, the graph run in its node order
+    (eager: no buffer reuse, no fusion). Every storage a node makes (once for all its views) lives from
+    that node to the last user of any tensor on it; the graph's outputs to the end. Placeholders (weights,
+    inputs, a KV cache read) are not counted. Read off ``meta["val"]`` (``check_local_shapes``' local fakes).
+
+        x = mm(a, w)      + [S, I]         alive: x
+        y = view(x, ..)   (x's storage)    alive: x
+        z = silu(y)       + [S, I]         alive: x, z      -> x freed after its last user
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storages(node):
+        return [(StorageWeakRef(t.untyped_storage()), t) for t in _tensors(node.meta.get("val"))]
+
+    nodes = list(gm.graph.nodes)
+    inputs, born, size, last = set(), {}, {}, {}
+    for i, node in enumerate(nodes):
+        for ref, t in storages(node):
+            if node.op == "placeholder":
+                inputs.add(ref)
+            elif ref not in inputs and ref not in born:
+                born[ref] = i
+                size[ref] = t.untyped_storage().nbytes() * (scale if t.dtype.is_floating_point else 1.0)
+        for src in node.all_input_nodes:
+            for ref, _ in storages(src):
+                last[ref] = len(nodes) if node.op == "output" else i
+    delta = [0.0] * (len(nodes) + 1)
+    for ref, start in born.items():
+        delta[start] += size[ref]
+        delta[min(max(last.get(ref, start), start) + 1, len(nodes))] -= size[ref]
+    live, out = 0.0, []
+    for d in delta[:len(nodes)]:
+        live += d
+        out.append(live)
+    return out
+
+
+def peak_activation_bytes(gm: torch.fx.GraphModule, scale: float = 1.0) -> Tuple[float, float]:
+    """(peak of ``live_bytes`` over the whole graph, its peak while a decoder layer runs): the second leaves
+    out what only the ends need (the logits, gathered whole under outputs="replicate")."""
+    live = live_bytes(gm, scale)
+    layer = node_layers(gm)
+    in_layers = [b for node, b in zip(gm.graph.nodes, live) if is_decoder_layer(layer.get(node, ""))]
+    return max(live, default=0.0), max(in_layers, default=0.0)
+
+
 def node_layers(gm: torch.fx.GraphModule) -> Dict[torch.fx.Node, str]:
     """Layer of every call_function node. Nodes without a module (inserted collectives and their
     reshapes) take the layer of their first input that has one, else of their first user."""
@@ -446,10 +494,18 @@ class Prediction:
     total_s: float = math.inf
     error: Optional[str] = None
     tp_size: int = 1                       # > 1: a two-level layout, tp inside groups of tp_size ranks
+    activation_bytes: float = 0.0          # peak of the (truncated) graph's intermediates, run eagerly
+    layer_activation_bytes: float = 0.0    # ... while a decoder layer runs (without the logits at the end)
+    memory_bytes: float = 0.0              # the machine's device memory (0: unknown)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """Weights and peak activations within the device's memory (None where it is unknown)."""
+        return self.weight_bytes + self.activation_bytes <= self.memory_bytes if self.memory_bytes else None
 
     @property
     def layout(self) -> str:
@@ -478,13 +534,14 @@ def predict(gm: torch.fx.GraphModule, ctx, machine, num_layers: int, fusion: boo
     other_compute = sum(c.compute_s for c in other)
     extra = max(num_layers - len(layers), 0)
     total = sum(costs[name].total_s for name in layers) + extra * steady.total_s + other_comm + other_compute
-    T = ctx.options.tp_size
+    T, peak = ctx.options.tp_size, peak_activation_bytes(gm, dtype_scale(gm, machine))
     return Prediction(strategy=ctx.options.strategy, machine=machine.name, world=ctx.world * T, batch=ctx.batch,
                       seq_len=ctx.seq_len, num_layers=num_layers, rank=ctx.rank, collectives=steady.describe(),
                       comm_bytes_per_layer=steady.comm_bytes, comm_s_per_layer=steady.comm_s,
                       compute_s_per_layer=steady.compute_s, other_comm_s=other_comm,
                       other_compute_s=other_compute, weight_bytes=ctx.weight_bytes(num_layers)[0], total_s=total,
-                      tp_size=T)
+                      tp_size=T, activation_bytes=peak[0], layer_activation_bytes=peak[1],
+                      memory_bytes=machine.memory_bytes)
 
 
 # ----------------------------------------------------------------------------- calibration

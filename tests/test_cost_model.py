@@ -185,3 +185,27 @@ def test_calibrate_measures_this_machine(tmp_path):
     assert prof.link_bw > 0 and math.isfinite(prof.link_latency_s)
     assert prof.peak_flops > 1e8 and prof.mem_bw > 1e8
     assert load_calibration(str(path)) == prof
+
+
+def test_live_bytes_by_hand():
+    """x = a @ w [100, 50] fp32, y = its view, z = sigmoid(y), z.sum(): x and z are alive at the sigmoid
+    (the view shares x's storage and keeps it alive until then), z and the sum at the end; the inputs
+    are never counted."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from sp_compiler.cost_model import live_bytes
+
+    def f(a, w):
+        return torch.sigmoid((a @ w).view(-1)).sum()
+
+    args = (torch.randn(100, 10), torch.randn(10, 50))
+    gm = make_fx(f)(*args)
+    FakeTensorProp(gm).propagate(*args)
+    live = dict(zip([n.target.__name__ if callable(n.target) else n.target for n in gm.graph.nodes],
+                    live_bytes(gm)))
+    x = 100 * 50 * 4
+    assert live["mm.default"] == x and live["view.default"] == x
+    assert live["sigmoid.default"] == 2 * x and live["sum.default"] == x + 4
+    assert live_bytes(gm)[-1] == 4                                  # the output: only the sum
+    assert max(live_bytes(gm, scale=0.5)) == x                      # priced in a dtype of half the bytes

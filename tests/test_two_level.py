@@ -268,6 +268,8 @@ def test_plan_lists_two_level_layouts_on_several_nodes():
     assert sorted(two) == sorted(f"{s} x tp{T}" for s in ACROSS for T in (2, 4)), sorted(two)
     assert all(p.ok and p.world == 8 for p in two.values()), [p.error for p in two.values()]
     assert two["ulysses x tp4"].weight_bytes < two["ulysses x tp2"].weight_bytes
+    one = {p.layout: p for p in preds if p.tp_size == 1}      # a layer's activations: S/N rows beat S rows
+    assert one["ulysses"].layer_activation_bytes < one["tp"].layer_activation_bytes
     assert not [p for p in plan(config, world=8, seq_len=64, machine="h100-ib", gpus_per_node=0) if p.tp_size > 1]
 
 
