@@ -12,8 +12,8 @@
 one (steady-state) layer, their bytes
 (NCCL-tests sizes in the machine's dtype), predicted communication and compute per layer, the
 non-layer parts and the whole prefill, the weights a rank holds, its peak activations (the graph run
-eagerly, ``cost_model.peak_activation_bytes``) and whether both fit the device; ``*`` marks the fastest. A strategy that cannot run the
-model on that many ranks shows the engine's reason instead.
+eagerly, ``cost_model.peak_activation_bytes``) and whether both fit the device; ``*`` marks the
+fastest. A strategy that cannot run the model on that many ranks shows the engine's reason instead.
 
 ``bench`` measures the prefill of every strategy beside one-device eager, one-device torch.compile and
 transformers' ``tp_plan="auto"``, with the cost model's prediction beside each (``sp_compiler/bench.py``).
@@ -51,7 +51,8 @@ def format_plan(preds, *, verbose: bool = False) -> str:
             continue
         rows.append([p.layout, p.collectives, _mib(p.comm_bytes_per_layer), f"{p.comm_s_per_layer * 1e6:,.1f}",
                      f"{p.compute_s_per_layer * 1e6:,.1f}", f"{(p.other_comm_s + p.other_compute_s) * 1e3:,.2f}",
-                     f"{p.total_s * 1e3:,.2f}", f"{p.weight_bytes / 2**30:,.2f}", f"{p.activation_bytes / 2**30:,.2f} ({p.layer_activation_bytes / 2**30:,.2f})",
+                     f"{p.total_s * 1e3:,.2f}", f"{p.weight_bytes / 2**30:,.2f}",
+                     f"{p.activation_bytes / 2**30:,.2f} ({p.layer_activation_bytes / 2**30:,.2f})",
                      {True: "yes", False: "no", None: "?"}[p.fits], mark])
     memory = next((p.memory_bytes for p in preds if p.memory_bytes), 0)
     headers = ["layout", "collectives / layer", "MiB / layer", "comm us / layer", "compute us / layer",

@@ -85,14 +85,16 @@ class MachineProfile:
 # Published numbers (dense bf16, no sparsity) and achievable NCCL busbw; sources in docs/cost_model.md.
 PROFILES: Dict[str, MachineProfile] = {
     "h100-nvlink": MachineProfile("h100-nvlink", link_bw=370e9, link_latency_s=15e-6, peak_flops=989e12,
-                                  mem_bw=3.35e12, memory_bytes=80e9, source="H100 SXM5 datasheet; NVLink4 450 GB/s/dir, "
-                                                         "NCCL-tests busbw ~360-400 GB/s on 8 GPUs"),
+                                  mem_bw=3.35e12, memory_bytes=80e9,
+                                  source="H100 SXM5 datasheet; NVLink4 450 GB/s/dir, NCCL-tests busbw ~360-400 GB/s "
+                                         "on 8 GPUs"),
     "h200-nvlink": MachineProfile("h200-nvlink", link_bw=370e9, link_latency_s=15e-6, peak_flops=989e12,
-                                  mem_bw=4.8e12, memory_bytes=141e9, source="H200 SXM datasheet (same GH100 compute and NVLink4 "
-                                                        "as H100, HBM3e 4.8 TB/s)"),
+                                  mem_bw=4.8e12, memory_bytes=141e9,
+                                  source="H200 SXM datasheet (same GH100 compute and NVLink4 as H100, HBM3e 4.8 TB/s)"),
     "a100-nvlink": MachineProfile("a100-nvlink", link_bw=240e9, link_latency_s=15e-6, peak_flops=312e12,
-                                  mem_bw=2.0e12, memory_bytes=80e9, source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, "
-                                                        "NCCL-tests busbw ~230-240 GB/s on 8 GPUs"),
+                                  mem_bw=2.0e12, memory_bytes=80e9,
+                                  source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, NCCL-tests busbw ~230-240 GB/s "
+                                         "on 8 GPUs"),
 }
 PROFILES["h100-ib"] = replace(PROFILES["h100-nvlink"], name="h100-ib", gpus_per_node=8,
                               source="nodes of 8 H100 SXM5 on NVLink4, one 400 Gb/s InfiniBand NIC per GPU "
