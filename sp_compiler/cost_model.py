@@ -93,8 +93,8 @@ PROFILES: Dict[str, MachineProfile] = {
                                   source="H200 SXM datasheet (same GH100 compute and NVLink4 as H100, HBM3e 4.8 TB/s)"),
     "a100-nvlink": MachineProfile("a100-nvlink", link_bw=240e9, link_latency_s=15e-6, peak_flops=312e12,
                                   mem_bw=2.0e12, memory_bytes=80e9,
-                                  source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, NCCL-tests busbw ~230-240 GB/s "
-                                         "on 8 GPUs"),
+                                  source="A100 SXM4 80GB datasheet; NVLink3 300 GB/s/dir, NCCL-tests busbw ~230-240 "
+                                         "GB/s on 8 GPUs"),
 }
 PROFILES["h100-ib"] = replace(PROFILES["h100-nvlink"], name="h100-ib", gpus_per_node=8,
                               source="nodes of 8 H100 SXM5 on NVLink4, one 400 Gb/s InfiniBand NIC per GPU "
