@@ -76,7 +76,8 @@ def _cmd_plan(args) -> int:
     t0 = time.perf_counter()
     preds = plan(config, world=args.world_size, seq_len=args.seq_len, batch=args.batch, machine=machine,
                  strategies=args.strategies, layers=args.layers, fusion=not args.no_fusion,
-                 expert_parallel=args.expert_parallel, gpus_per_node=args.gpus_per_node)
+                 expert_parallel=args.expert_parallel, gpus_per_node=args.gpus_per_node,
+                 call=None if args.logits_to_keep is None else {"logits_to_keep": args.logits_to_keep})
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps([p.as_dict() for p in preds], indent=1))
@@ -86,7 +87,8 @@ def _cmd_plan(args) -> int:
     print(f"{args.model}: {config.num_hidden_layers} layers, world {args.world_size}{nodes}, batch {args.batch} x seq "
           f"{args.seq_len}, {machine.name} ({machine.dtype}); per layer = one steady-state decoder layer, "
           f"prefill = {config.num_hidden_layers} layers + non-layer parts (embedding, masks, lm_head, logits "
-          f"gather); planned in {elapsed:.1f} s\n")
+          f"gather); call: model(ids{'' if args.logits_to_keep is None else f', logits_to_keep={args.logits_to_keep}'}, "
+          f"use_cache=False); planned in {elapsed:.1f} s\n")
     print(format_plan(preds, verbose=args.verbose), end="")
     return 0
 
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ranks per node (default: the machine profile's; 0: one node). Collectives across "
                          "nodes run on the network link, and two-level layouts (tp inside a node, tp_size) "
                          "are listed too")
+    sp.add_argument("--logits-to-keep", type=int, default=None,
+                    help="price the call a generation's prefill makes, model(ids, logits_to_keep=N) (default: "
+                         "every position's logits, gathered whole at the end)")
     sp.add_argument("--json", action="store_true", help="print the predictions as JSON")
     sp.add_argument("--verbose", action="store_true", help="print the full reason of unavailable strategies")
     sp.set_defaults(func=_cmd_plan)

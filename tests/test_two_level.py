@@ -310,3 +310,18 @@ def test_a_weight_loaded_after_the_compile_is_cut_as_at_the_compile():
     for i, local in ctx.local_inputs.items():
         assert torch.equal(ctx.piece(i, ctx.full_inputs[i]), local), ctx.input_fqns[i]
         assert ctx.slices(i)
+
+
+def test_plan_cli_prices_a_generation_prefill(capsys):
+    """``seqpar plan --logits-to-keep 1`` prices ``model(ids, logits_to_keep=1)``: nothing vocabulary-sized
+    is gathered, so the whole graph's peak activations are the in-layer ones; the table says whether each
+    layout fits the device."""
+    from sp_compiler.cli import main
+
+    assert main(["plan", "--model", "llama-3-8b", "--world-size", "4", "--seq-len", "256", "--layers", "1",
+                 "--strategies", "tp,ulysses", "--logits-to-keep", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "logits_to_keep=1" in out and "fits 80 GB" in out, out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["tp"], ["ulysses"])}
+    whole, in_layers = rows["ulysses"].split("(")[0].split()[-1], rows["ulysses"].split("(")[1].split(")")[0]
+    assert whole == in_layers and "yes" in rows["ulysses"], out
