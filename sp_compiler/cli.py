@@ -82,13 +82,13 @@ def _cmd_plan(args) -> int:
     if args.json:
         print(json.dumps([p.as_dict() for p in preds], indent=1))
         return 0
+    keep = "" if args.logits_to_keep is None else f", logits_to_keep={args.logits_to_keep}"
     nodes = (f" in nodes of {machine.gpus_per_node} (network across nodes: {machine.node_link_bw / 1e9:.0f} GB/s, "
              f"{machine.node_link_latency_s * 1e6:.0f} us)" if machine.gpus_per_node else "")
     print(f"{args.model}: {config.num_hidden_layers} layers, world {args.world_size}{nodes}, batch {args.batch} x seq "
           f"{args.seq_len}, {machine.name} ({machine.dtype}); per layer = one steady-state decoder layer, "
           f"prefill = {config.num_hidden_layers} layers + non-layer parts (embedding, masks, lm_head, logits "
-          f"gather); call: model(ids{'' if args.logits_to_keep is None else f', logits_to_keep={args.logits_to_keep}'}, "
-          f"use_cache=False); planned in {elapsed:.1f} s\n")
+          f"gather); call: model(ids{keep}, use_cache=False); planned in {elapsed:.1f} s\n")
     print(format_plan(preds, verbose=args.verbose), end="")
     return 0
 
