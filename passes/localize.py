@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from sp_compiler.context import INSERTED, PLACEMENT, layer_of
-from sp_compiler.collectives import Builder, gather_rows, vocab_lookup
+from sp_compiler.collectives import Builder, collective_row, gather_rows, vocab_lookup
 from sp_compiler.experts import MOE_EXPERTS
 from sp_compiler.errors import ShardingError
 from sp_compiler.placements import is_partial, is_shard, is_token_local
@@ -114,9 +114,8 @@ def _experts_local(node, ctx):
     val = node.meta["val"]
     rows = val.shape[0] // ctx.seq_len * max(ctx.layout(ctx.seq_len).local_size(r) for r in range(ctx.world))
     for what in ("experts: routed rows to their experts' ranks", "experts: their outputs back"):
-        ctx.collectives.append({"layer": layer_of(node), "kind": "all_to_all", "dim": 0,
-                                "shape": (rows, val.shape[-1]), "dtype": str(val.dtype).replace("torch.", ""),
-                                "bytes": rows * val.shape[-1] * val.dtype.itemsize, "what": what})
+        ctx.collectives.append({"layer": layer_of(node),
+                                **collective_row("all_to_all", 0, (rows, val.shape[-1]), val.dtype, what)})
 
 
 def _vocab_local(gm, node, ctx):

@@ -28,7 +28,8 @@ from sp_compiler.context import PLACEMENT, Demand, block_of
 from sp_compiler.errors import ShardingError, module_path
 from sp_compiler.strategies import layer_path
 from sp_compiler.placements import Replicate, is_partial, is_rank_local, is_shard, is_token_local
-from sp_compiler.rules import MADE, TRANSPARENT, UNIFORM, map_through, rule_for, shape_of, token_blocks, token_local_rule
+from sp_compiler.rules import (MADE, TRANSPARENT, UNIFORM, map_through, rule_for, shape_of, token_blocks,
+                               token_local_rule)
 
 __all__ = ["propagate", "placement_of"]
 

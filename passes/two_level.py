@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from sp_compiler.collectives import collective_row
 from sp_compiler.context import INSERTED, PLACEMENT, PassContext, layer_of
 from sp_compiler.mesh import Axis
 from sp_compiler.strategies import TP_IN_GROUP
@@ -76,9 +77,8 @@ def _group_row(node, T: int) -> dict:
     [T, numel] (as ``collectives.Builder.record`` writes them), in the layer of what it reads."""
     x = node.args[0].meta["val"]
     kind = _GROUP_COLLECTIVES[node.target]
-    shape = tuple(x.shape) if kind != "all_gather" else (T, x.numel())
     maker = node.args[0]
     while "nn_module_stack" not in maker.meta and maker.all_input_nodes:     # above the collective's own packing
         maker = maker.all_input_nodes[0]
-    return dict(layer=layer_of(maker), kind=kind, dim=None, shape=shape, dtype=str(x.dtype).replace("torch.", ""),
-                bytes=x.numel() * x.element_size() * (T if kind == "all_gather" else 1), what="")
+    return {"layer": layer_of(maker),
+            **collective_row(kind, None, (T, x.numel()) if kind == "all_gather" else x.shape, x.dtype)}

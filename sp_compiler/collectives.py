@@ -37,7 +37,14 @@ aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 
 __all__ = ["Builder", "redistribute", "collective_kind", "local_slice", "all_gather", "all_gather_flat", "all_reduce", "vocab_lookup",
-           "reduce_scatter", "all_to_all", "gather_rows", "ROWS_OF"]
+           "reduce_scatter", "all_to_all", "gather_rows", "ROWS_OF", "collective_row"]
+
+
+def collective_row(kind, dim, shape, dtype: torch.dtype, what="") -> dict:
+    """One row of the collective report (``ctx.collectives``): ``shape`` is the call's NCCL-tests size
+    (the whole buffer, [N, F] for a packed gather or exchange), ``bytes`` that buffer's."""
+    return dict(kind=kind, dim=dim, shape=tuple(shape), dtype=str(dtype).replace("torch.", ""),
+                bytes=math.prod(shape) * dtype.itemsize, what=what)
 
 
 class Builder:
@@ -62,9 +69,7 @@ class Builder:
         self.phase = "late"
 
     def record(self, kind, dim, shape, dtype, what=""):
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.rows.append(dict(kind=kind, dim=dim, shape=tuple(shape), dtype=str(dtype).replace("torch.", ""),
-                              bytes=nbytes, what=what))
+        self.rows.append(collective_row(kind, dim, shape, dtype, what))
 
 
 def _perm_to_front(nd, d):

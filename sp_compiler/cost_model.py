@@ -350,20 +350,18 @@ def live_bytes(gm: torch.fx.GraphModule, scale: float = 1.0) -> List[float]:
     """
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    def storages(node):
-        return [(StorageWeakRef(t.untyped_storage()), t) for t in _tensors(node.meta.get("val"))]
-
     nodes = list(gm.graph.nodes)
+    storages = {n: [(StorageWeakRef(t.untyped_storage()), t) for t in _tensors(n.meta.get("val"))] for n in nodes}
     inputs, born, size, last = set(), {}, {}, {}
     for i, node in enumerate(nodes):
-        for ref, t in storages(node):
+        for ref, t in storages[node]:
             if node.op == "placeholder":
                 inputs.add(ref)
             elif ref not in inputs and ref not in born:
                 born[ref] = i
                 size[ref] = t.untyped_storage().nbytes() * (scale if t.dtype.is_floating_point else 1.0)
         for src in node.all_input_nodes:
-            for ref, _ in storages(src):
+            for ref, _ in storages[src]:
                 last[ref] = len(nodes) if node.op == "output" else i
     delta = [0.0] * (len(nodes) + 1)
     for ref, start in born.items():
