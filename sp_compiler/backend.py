@@ -91,7 +91,11 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     caches = cache_outputs(captured)
     if opts.strategy == "auto":
         opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
-    mesh = mesh_of(opts.tp_size)
+    # making a two-level mesh's sub-groups is collective: a rank given another tp_size would leave the others
+    # waiting in it, so the ranks first compare their options (a rank with the mesh it needs, or none to
+    # make, meets this check with the one before its call, and the values differ there too)
+    mesh = mesh_of(opts.tp_size, before_groups=lambda: _check(opts, _options_fingerprint(opts), example_inputs,
+                                                              _token_index(example_inputs, fqns), fqns))
     world, rank, group = mesh.sp.size, mesh.sp.rank, mesh.sp.group_name
     short = _short_call(example_inputs, fqns, gm, opts, world)
     aten_gm, ctx = run_layout(captured, example_inputs, fqns, opts, mesh, fakes=fakes, on_pass=dumper.on_pass,
@@ -132,13 +136,19 @@ def fingerprint(ctx, opts) -> Fingerprint:
     # a tp row of a two-level layout has this group's own rows: groups differ where G does not divide S
     collectives = [(r["kind"], str(r["dim"]), tuple(r["shape"]) if r.get("mesh") != "tp" else len(r["shape"]),
                     r["dtype"]) for r in ctx.collectives]
-    options = repr(dataclasses.replace(opts, dump_dir=None, checkpoint=opts.checkpoint and "<path>"))
     layers = {layer_path(fqn) for fqn, _, _ in params} - {None}
+    given = _options_fingerprint(opts)
+    return dataclasses.replace(given, layers=len(layers), model=stable_hash(repr(params)),
+                               collectives=len(collectives), collectives_hash=stable_hash(repr(collectives)),
+                               extra={**given.extra, "model": f"{len(params)} parameters",
+                                      "collectives_hash": ", ".join(sorted({c[0] for c in collectives}))})
+
+
+def _options_fingerprint(opts) -> Fingerprint:
+    """The part of ``fingerprint`` known before compiling: the strategy and the options."""
+    options = repr(dataclasses.replace(opts, dump_dir=None, checkpoint=opts.checkpoint and "<path>"))
     return Fingerprint(strategy=STRATEGY_NAMES.index(opts.strategy), options=stable_hash(options),
-                       layers=len(layers), model=stable_hash(repr(params)), collectives=len(collectives),
-                       collectives_hash=stable_hash(repr(collectives)), strategy_name=opts.strategy,
-                       extra={"options": options, "model": f"{len(params)} parameters",
-                              "collectives_hash": ", ".join(sorted({c[0] for c in collectives}))})
+                       strategy_name=opts.strategy, extra={"options": options})
 
 
 def _check(opts, fp, args, token, fqns, kv_length=0, error=0):
@@ -156,9 +166,13 @@ def _check(opts, fp, args, token, fqns, kv_length=0, error=0):
 @contextlib.contextmanager
 def _joined_on_failure(opts, args, token, fqns):
     """A rank that fails to compile a call still joins that call's ``check_ranks`` (error set), so the
-    ranks that compiled raise too instead of waiting in it; then it raises its own error."""
+    ranks that compiled raise too instead of waiting in it; then it raises its own error. A check that
+    failed during the compile (the options compared before a mesh's sub-groups are made) was this
+    rank's part already."""
     try:
         yield
+    except RankMismatchError:
+        raise
     except Exception:
         try:
             _check(opts, None, args, token, fqns, error=1)
@@ -421,7 +435,7 @@ class _Bucketed:
         S = args[self.token].shape[1]
         with _joined_on_failure(self.opts, args, self.token, self.fqns):
             self._check_lengths(args, S)
-            padded_len = bucket_length(S, mesh_of(self.opts.tp_size).sp.size, self.opts.buckets)
+            padded_len = bucket_length(S, world_info()[0] // self.opts.tp_size, self.opts.buckets)  # split: G ways
             if self.out_dims is None:
                 padded_len = S                                 # outputs not recognised: exact length
             padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]

@@ -12,7 +12,7 @@ With T = 1 the mesh is one-dimensional: ``sp`` is the whole world and ``tp`` is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -52,10 +52,11 @@ def world_info() -> Tuple[int, int, Optional[str]]:
 _meshes: Dict[int, tuple] = {}
 
 
-def mesh_of(tp_size: int = 1) -> Mesh:
+def mesh_of(tp_size: int = 1, before_groups: Optional[Callable[[], None]] = None) -> Mesh:
     """This rank's mesh for groups of ``tp_size``. The first call for a T creates its sub-groups, on
     every rank in the same order (``dist.new_subgroups_by_enumeration`` is collective), so every rank
-    must make it: seqpar does, at the first compile."""
+    must make it: seqpar does, at the first compile, after ``before_groups()`` (the backend's check that
+    every rank was given the same options: it raises where they differ)."""
     world, rank, name = world_info()
     if tp_size == 1:
         return Mesh(Axis(world, rank, name))
@@ -65,6 +66,8 @@ def mesh_of(tp_size: int = 1) -> Mesh:
     cached = _meshes.get(tp_size)
     if cached is not None and cached[0] is dist.group.WORLD:
         return cached[1]
+    if before_groups is not None:
+        before_groups()
     G, T = world // tp_size, tp_size
     tp, _ = dist.new_subgroups_by_enumeration([list(range(g * T, (g + 1) * T)) for g in range(G)])
     sp, _ = dist.new_subgroups_by_enumeration([list(range(t, world, T)) for t in range(T)])

@@ -1,7 +1,8 @@
 """Ranks that disagree raise on every rank within seconds, naming what differs (``sp_compiler.agree``).
 
 Each case runs 2 gloo ranks whose calls differ in one thing: the prompt length, the strategy, an option,
-or the model's layer count. Without the check these hang until the process group's timeout or abort
+the model's layer count, or ``tp_size`` (one rank alone would wait in the collective that makes a
+two-level mesh's sub-groups). Without the check these hang until the process group's timeout or abort
 inside gloo; here every rank must raise ``RankMismatchError`` well inside the 60 s the test allows.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sp_compiler.testing import run_ranks
 MODEL = dict(heads=4, kv_heads=2, hidden=64)
 #: kind -> (what the test expects the message to name)
 KINDS = {"length": "tokens per sequence", "strategy": "strategy", "options": "options", "layers": "decoder layers",
-         "compile error": "failed to compile"}
+         "compile error": "failed to compile", "tp_size": "options"}
 
 
 def _body(kinds):
@@ -32,7 +33,8 @@ def _body(kinds):
         torch._dynamo.reset()
         model = build_model("llama", layers=3 if kind == "layers" and odd else 2, **MODEL)
         opts = {"strategy": "vanilla_sp" if kind == "strategy" and odd else "ulysses", "lower": "eager",
-                "outputs": "local" if kind == "options" and odd else "replicate"}
+                "outputs": "local" if kind == "options" and odd else "replicate",
+                "tp_size": 2 if kind == "tp_size" and odd else 1}      # rank 1 would make sub-groups alone
         if kind == "compile error" and odd:
             opts["layers"] = {"model.layers.9": "tp"}         # no such layer: this rank fails to compile
         S = 96 if kind == "length" and odd else 64
