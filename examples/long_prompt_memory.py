@@ -55,7 +55,7 @@ def case_inputs(case: str, S: int) -> dict:
     return kwargs
 
 
-def _rank_body(strategy, S, case, lower, exact, model_args=None, grouped_kv=True):
+def _rank_body(strategy, S, case, lower, exact, model_args=None, grouped_kv=True, tp_size=1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not grouped_kv:                           # the A/B of --no-grouped-kv: K/V expanded as HF does
@@ -65,7 +65,7 @@ def _rank_body(strategy, S, case, lower, exact, model_args=None, grouped_kv=True
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=S, **(model_args or MODEL))).eval()
     fn = model if strategy == "one process" else torch.compile(
-        model, backend="seqpar", options={"strategy": strategy, "lower": lower})
+        model, backend="seqpar", options={"strategy": strategy, "lower": lower, "tp_size": tp_size})
     t0 = time.perf_counter()
     with torch.no_grad():
         out = fn(**case_inputs(case, S), use_cache=False, logits_to_keep=0 if exact else 1)
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="causal,packed")
     p.add_argument("--lower", default="aot_eager")
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--tp-size", type=int, default=1, help="two-level layouts: tp inside groups of this many ranks")
     p.add_argument("--exact", action="store_true", help="full logits, max |diff| against one process")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--heads", type=int, default=MODEL["num_attention_heads"])
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
                                 seconds=one["seconds"], failed=bool(one.get("failed"))))
             for strategy in strategies:
                 res = run_ranks(_rank_body, args.world_size, strategy, S, case, args.lower, args.exact,
-                                model_args, not args.no_grouped_kv, timeout=7200)
+                                model_args, not args.no_grouped_kv, args.tp_size, timeout=7200)
                 peak = max(r["peak_gib"] for r in res)
                 rec = dict(S=S, case=case, strategy=strategy, lower=args.lower, world=args.world_size,
+                           tp_size=args.tp_size,
                            heads=args.heads, kv_heads=args.kv_heads, grouped_kv=not args.no_grouped_kv,
                            peak_gib=peak, ratio=peak / one["peak_gib"], seconds=max(r["seconds"] for r in res))
                 if args.exact and one["logits"] is not None:

@@ -89,7 +89,7 @@ def run_layout(captured: torch.fx.GraphModule, example_inputs, fqns, opts, mesh,
         inner = two_level.inner_context(opts, mesh.tp, example_inputs, fqns, fakes,
                                          **{k: v for k, v in context.items() if k in two_level.INNER_KEYS})
         try:
-            run_pipeline(captured, inner)
+            run_pipeline(captured, inner, [p for p in PIPELINE if p.__name__ not in two_level.INNER_SKIPS])
         except ShapeConstraintError as e:
             raise ShapeConstraintError(f"tp inside each group of tp_size={mesh.tp.size} ranks (its world size): "
                                        f"{e}. With tp_size, the fix is a tp_size that divides these counts") from e

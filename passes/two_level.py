@@ -26,10 +26,14 @@ from sp_compiler.strategies import TP_IN_GROUP
 
 from .lower import local_example_inputs
 
-__all__ = ["INNER_KEYS", "inner_context", "drop_placements", "outer_inputs", "merge"]
+__all__ = ["INNER_KEYS", "INNER_SKIPS", "inner_context", "drop_placements", "outer_inputs", "merge"]
 
 #: the PassContext fields the tp step shares with the step across groups
 INNER_KEYS = ("short", "one_in_flight", "whole_outputs", "reads_cache")
+
+#: passes the tp step leaves to the step across groups: query blocks of a masked attention are cut for the
+#: final layout's rows (the tp step's blocks would reach the next run as ops on the whole sequence)
+INNER_SKIPS = ("mask_blocks",)
 
 c10d = torch.ops._c10d_functional
 _GROUP_COLLECTIVES = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_into_tensor.default: "all_gather",

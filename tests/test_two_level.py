@@ -17,6 +17,7 @@ reading each rank's slices from a checkpoint.
 """
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 
 import pytest
@@ -134,9 +135,10 @@ def _rank_body(checkpoint):
     import torch._dynamo
 
     from passes.one_in_flight import most_in_flight
-    from sp_compiler import from_pretrained
+    from sp_compiler import from_pretrained, sdpa
     from sp_compiler.backend import last_graph
 
+    mask_blocks = importlib.import_module("passes.mask_blocks")   # the module (passes.mask_blocks is the pass)
     ids, mask = _inputs()
     out = {}
     for strategy in GLOO:
@@ -146,11 +148,18 @@ def _rank_body(checkpoint):
         else:
             model = build_model("llama")
             model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "tp_size": 2})
+        saved, mask_blocks.MIN_MASK = mask_blocks.MIN_MASK, 1 if strategy == "ulysses" else mask_blocks.MIN_MASK
+        try:                                       # ulysses: the padding mask cut into query blocks, as a long
+            with torch.no_grad():                  # prompt's is (only the run across groups cuts them)
+                r = model(ids, attention_mask=mask)
+        finally:
+            mask_blocks.MIN_MASK = saved
         with torch.no_grad():
-            r = model(ids, attention_mask=mask)
+            graph = last_graph()[0].graph
             out[strategy] = (r.logits, [layer.keys for layer in r.past_key_values.layers],
                              [layer.values for layer in r.past_key_values.layers],
-                             most_in_flight(last_graph()[0].graph), last_graph()[1].weight_bytes())
+                             most_in_flight(graph), last_graph()[1].weight_bytes(),
+                             sum(sdpa.is_attention(n) and sdpa.bind(n).mask is not None for n in graph.nodes))
             if strategy == "ulysses":
                 out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
     torch._dynamo.reset()
@@ -190,8 +199,9 @@ def _reference():
 def test_two_level_matches_one_device(strategy, checkpoint):
     want, _, real = _reference()
     for rank, got in enumerate(_gloo(checkpoint)):
-        logits, keys, values, in_flight, _ = got[strategy]
+        logits, keys, values, in_flight, _, masked = got[strategy]
         assert in_flight == 1, (strategy, rank, in_flight)          # gloo: both levels' collectives, one at a time
+        assert strategy != "ulysses" or masked > LAYERS, masked     # ulysses: its masks cut into query blocks
         assert (logits - want.logits)[real].abs().max() < 1e-5, (strategy, rank)
         for i, layer in enumerate(want.past_key_values.layers):
             assert keys[i].shape == layer.keys.shape and (keys[i] - layer.keys).abs().max() < 1e-5, (strategy, rank, i)
