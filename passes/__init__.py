@@ -86,7 +86,7 @@ def run_layout(captured: torch.fx.GraphModule, example_inputs, fqns, opts, mesh,
     rewritten in place; ``context``: further PassContext fields (the tp run shares ``two_level.INNER_KEYS``)."""
     inner, inputs = None, list(example_inputs)
     if mesh.tp is not None:
-        inner = two_level.inner_context(opts, mesh.tp, example_inputs, fqns, fakes,
+        inner = two_level.inner_context(opts, mesh.tp, example_inputs, fqns, fakes, context.get("kv"),
                                          **{k: v for k, v in context.items() if k in two_level.INNER_KEYS})
         try:
             run_pipeline(captured, inner, [p for p in PIPELINE if p.__name__ not in two_level.INNER_SKIPS])

@@ -52,9 +52,12 @@ def capture(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.Gr
 
 
 class _Capture(torch.fx.Interpreter):
-    """Dynamo's graph, run for make_fx; attention with narrower values than keys on padded values."""
+    """Dynamo's graph, run for make_fx; attention with narrower values than keys on padded values, and
+    every projection of a [.., S, K] input as one mm (``_linear``)."""
 
     def call_function(self, target, args, kwargs):
+        if target is F.linear:
+            return _linear(*args, **kwargs)
         if target is F.scaled_dot_product_attention:
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
             pad = k.shape[-1] - v.shape[-1]
@@ -63,6 +66,23 @@ class _Capture(torch.fx.Interpreter):
                 out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), *args[3:], **rest)
                 return out[..., :v.shape[-1]]
         return super().call_function(target, args, kwargs)
+
+
+def _linear(x, weight, bias=None):
+    """``F.linear`` as ATen traces it for a weight that requires grad, whatever the weight's flag:
+
+        x [.., K] -> view [M, K] -> mm(., t(weight)) [M, N] (+ bias) -> view [.., N]
+
+    ATen folds the leading dims into one mm only for a weight that requires grad (or an input whose leading
+    dims are contiguous); otherwise it expands the weight to [B, K, N] and calls bmm, where no rule sees a
+    projection, so a frozen model (``requires_grad_(False)``, checkpoint stand-ins) had its rowwise weights
+    gathered whole on every decode step. The same products, summed in the same order."""
+    if x.dim() < 3 or weight.dim() != 2:
+        return F.linear(x, weight, bias)
+    out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -8,7 +8,8 @@ group, where no dim is split across groups any more (no uneven rows inside a fla
 
     output(k)            k: [B, Hkv/T, S, D] (whole S)   ->   output(all_gather(k, tp))   [B, Hkv, S, D]
 
-One-level layouts (no ``ctx.inner``) pass through.
+One-level layouts (no ``ctx.inner``) pass through, and so do outputs="local" ones: their cache stays
+split by heads within the group and by rows across the groups (``sp_compiler.kv``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ __all__ = ["gather_in_group"]
 
 def gather_in_group(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     inner = ctx.inner
-    if inner is None:
+    if inner is None or ctx.options.outputs == "local":          # local: a cache stays split by heads
         return gm
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     leaves = torch.utils._pytree.tree_leaves(output.args[0])

@@ -21,10 +21,11 @@ import torch
 
 from sp_compiler.collectives import collective_row
 from sp_compiler.context import INSERTED, PLACEMENT, PassContext, layer_of
+from sp_compiler.kv import KVInput
 from sp_compiler.mesh import Axis
 from sp_compiler.strategies import TP_IN_GROUP
 
-from .lower import local_example_inputs
+from .lower import fake_inputs, local_example_inputs
 
 __all__ = ["INNER_KEYS", "INNER_SKIPS", "inner_context", "drop_placements", "outer_inputs", "merge"]
 
@@ -40,14 +41,26 @@ _GROUP_COLLECTIVES = {c10d.all_reduce.default: "all_reduce", c10d.all_gather_int
                       c10d.reduce_scatter_tensor.default: "reduce_scatter"}
 
 
-def inner_context(opts, tp: Axis, example_inputs, fqns, fakes=None, **shared) -> PassContext:
+def inner_context(opts, tp: Axis, example_inputs, fqns, fakes=None, kv=None, **shared) -> PassContext:
     """The context of the tp step: ``tp`` among the T ranks of this rank's group, on their process group.
-    A prefill keeps its K/V outputs split by heads (outputs="local"), for ``gather_in_group``; a call
-    too short to split runs whole, as the step across groups does."""
+    Its K/V outputs stay split by heads (outputs="local"): ``gather_in_group`` gathers them after the step
+    across groups, or (``opts.outputs="local"``) they stay so. A call too short to split runs whole, as the
+    step across groups does, unless the cache stays local: then it runs tp on the cache's heads.
+
+    ``kv``: the step across groups' cache inputs (split by rows across the groups, ``sp_compiler.kv``);
+    the tp step reads each as split by heads, [B, Hkv/T, S, D], and hands that on as the next step's input."""
+    local = opts.outputs == "local" or not shared.get("short")
     inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1, expert_parallel=False,
-                                     outputs="replicate" if shared.get("short") else "local")
+                                     outputs="local" if local else "replicate")
+    heads = {i: KVInput("heads", info.key, _heads_of(example_inputs[i], info.local)) for i, info in (kv or {}).items()}
     return PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
-                       fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, **shared)
+                       fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, kv=heads,
+                       **shared)
+
+
+def _heads_of(stand_in: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A cache stand-in [B, Hkv, S, D] as this rank's heads see it: [B, h, S, D], h the heads of its slots."""
+    return stand_in[:, :slots.shape[1]]
 
 
 def drop_placements(gm: torch.fx.GraphModule) -> None:
@@ -59,8 +72,11 @@ def drop_placements(gm: torch.fx.GraphModule) -> None:
 
 def outer_inputs(inner: PassContext, fakes=None):
     """(inputs, fakes) of the step across groups: the tp slices in place of the whole weights; a sliced
-    input's Dynamo fake dropped, so it is faked from its slice."""
-    fakes = fakes and [None if i in inner.local_inputs else f for i, f in enumerate(fakes)]
+    input's Dynamo fake dropped, so it is faked from its slice; a cache input's fake is its heads' (with
+    Dynamo's symbolic length)."""
+    if fakes:
+        heads = fake_inputs(inner, local=True) if inner.kv else None
+        fakes = [heads[i] if i in inner.kv else None if i in inner.local_inputs else f for i, f in enumerate(fakes)]
     return local_example_inputs(inner), fakes
 
 

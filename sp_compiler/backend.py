@@ -41,7 +41,7 @@ from .config import STRATEGY_NAMES, Options
 from .context import layer_of
 from .dump import GraphDumper, layer_summary, layout_of, layout_table
 from .errors import InputError
-from .mesh import mesh_of, world_info
+from .mesh import across_groups, mesh_of, world_info
 from .kv import KVInput, KVState, capacity_for, is_stand_in, kv_of, row_spans
 from .placements import Layout, is_rank_local, is_replicate, is_shard
 from .pricing import best_layout, price_strategies, two_level_sizes
@@ -233,14 +233,15 @@ class _Graph:
             raise InputError("the KV cache stand-ins of one call come from different caches. Fix: pass the cache "
                              "returned by the previous call")
         (state,) = states
-        return KVStep(state, args[self.token].shape[1], world_info()[0])
+        return KVStep(state, args[self.token].shape[1], across_groups(state.tp_size)[0])
 
     def _compiled_for(self, args, step) -> Compiled:
         key = None if step is None else step.state.slots.capacity if step.state.split == "seq" else "heads"
         if self.exact:
             key = (key, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
         if key not in self.compiled:
-            opts = self.opts if step is None else dataclasses.replace(self.opts, strategy=step.state.strategy)
+            opts = self.opts if step is None else dataclasses.replace(self.opts, strategy=step.state.strategy,
+                                                                      tp_size=step.state.tp_size)
             kv = {} if step is None else {i: step.input(kv_of(args[i])[1]) for i in self.kv}
             self.compiled[key] = _compile(self.gm, list(args), opts, self.fqns, fakes=self.fakes, kv=kv)
             if len(self.compiled) > MAX_GRAPHS:
@@ -307,7 +308,7 @@ def keep_kv_local(outs, graph: Compiled, step, S: int, opts):
     if not graph.caches:
         return outs
     outs = list(outs)
-    world, rank, _ = world_info()
+    world, rank = across_groups(graph.ctx.options.tp_size)         # a two-level cache: rows split G ways
     if step is None:
         state = _fresh_state(outs, graph, S, world, rank, opts)
     else:
@@ -329,7 +330,7 @@ def _fresh_state(outs, graph, S, world, rank, opts) -> KVState:
     """The KV state of a cache this call made: split by heads (TP), or by sequence (each rank's rows)."""
     ctx = graph.ctx
     placements = {ctx.outputs[i][0] for i in graph.caches}
-    strategy = ctx.options.strategy
+    strategy, tp_size = ctx.options.strategy, ctx.options.tp_size
     p = next(iter(placements))
     if len(placements) != 1 or is_rank_local(p):
         raise InputError(f"the KV cache outputs of this call are placed {sorted(map(str, placements))}; "
@@ -342,12 +343,12 @@ def _fresh_state(outs, graph, S, world, rank, opts) -> KVState:
         spans = [lay.spans(r) for r in range(world)]
         start, n = spans[rank][0]
         tensors = {graph.caches[i]: outs[i][:, :, start:start + n] for i in graph.caches}
-    else:                                                            # rows: [B, Hkv, L_r, D]
+    else:                                                            # rows: [B, Hkv(/T), L_r, D]
         lay = ctx.layout(ctx.outputs[next(iter(graph.caches))][1][2])
         spans = [[(a, max(0, min(n, S - a))) for a, n in lay.spans(r)] for r in range(world)]
         tensors = {graph.caches[i]: outs[i] for i in graph.caches}
     capacity = capacity_for(-(-bucket_length(S, world, opts.buckets) // world))
-    return KVState.from_rows(world, rank, S, spans, tensors, capacity, strategy=strategy)
+    return KVState.from_rows(world, rank, S, spans, tensors, capacity, strategy=strategy, tp_size=tp_size)
 
 
 def _kv_row(row, graph, state):

@@ -94,9 +94,6 @@ class Options:
             raise OptionsError(f"tp_size={self.tp_size} runs tp inside each group and splits the sequence across "
                                f"groups with one of {list(ACROSS_GROUPS)}; {sorted(names - set(ACROSS_GROUPS))} "
                                f"cannot run across groups. Fix: choose one of those, or tp_size=1")
-        if self.outputs != "replicate":
-            raise OptionsError(f"tp_size={self.tp_size} does not support outputs={self.outputs!r} yet. "
-                               f"Fix: drop outputs, or use tp_size=1")
 
     @staticmethod
     def _check_strategy(name, where):

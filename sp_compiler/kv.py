@@ -79,12 +79,15 @@ class KVState:
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     slots: Optional[SeqSlots] = None    # split "seq" only
     strategy: str = ""                  # the strategy that made it (every later call runs the same)
+    tp_size: int = 1                    # > 1: a two-level layout's; "seq" across the groups (world, rank: G, g),
+                                        # each buffer this rank's KV heads of its group (tp)
 
     # ------------------------------------------------------------------ sequence split
 
     @classmethod
     def from_rows(cls, world: int, rank: int, length: int, spans_by_rank: List[List[Tuple[int, int]]],
-                  tensors: Dict[str, torch.Tensor], capacity: int, strategy: str = "") -> "KVState":
+                  tensors: Dict[str, torch.Tensor], capacity: int, strategy: str = "",
+                  tp_size: int = 1) -> "KVState":
         """A "seq" cache from the rows each rank computed: ``spans_by_rank[r]`` = [(global start, rows)]
         of rank r's rows in local order; ``tensors`` = this rank's [B, Hkv, rows, D] per key."""
         counts = [sum(n for _, n in spans) for spans in spans_by_rank]
@@ -95,7 +98,8 @@ class KVState:
         for start, n in spans_by_rank[rank]:
             positions[at:at + n] = torch.arange(start, start + n)
             at += n
-        state = cls("seq", world, rank, length, slots=SeqSlots(counts, positions), strategy=strategy)
+        state = cls("seq", world, rank, length, slots=SeqSlots(counts, positions), strategy=strategy,
+                    tp_size=tp_size)
         for key, t in tensors.items():
             state.buffers[key] = _slots_like(t, capacity, mine)
         return state

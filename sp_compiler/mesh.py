@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .errors import OptionsError
 
-__all__ = ["Axis", "Mesh", "world_info", "mesh_of"]
+__all__ = ["Axis", "Mesh", "world_info", "across_groups", "mesh_of"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ def world_info() -> Tuple[int, int, Optional[str]]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank(), dist.group.WORLD.group_name
     return 1, 0, None
+
+
+def across_groups(tp_size: int = 1) -> Tuple[int, int]:
+    """(G, g): the groups of ``tp_size`` ranks and this rank's one, the sequence split's world and rank;
+    read from the default group without making sub-groups (``mesh_of`` makes them)."""
+    world, rank, _ = world_info()
+    return world // tp_size, rank // tp_size
 
 
 # T -> (the default group it was made in, its mesh); the group object is kept, so a later default group

@@ -183,11 +183,11 @@ def test_every_form_runs_through_seqpar(form):
 
 # ----------------------------------------------------------------------------- one process
 
-def _decode_report(S):
+def _decode_report(S, strategy="ulysses", frozen=False):
     from sp_compiler.backend import last_report
 
-    model = build_model("llama", **MODEL)
-    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "outputs": "local"})
+    model = build_model("llama", **MODEL).requires_grad_(not frozen)
+    model.compile(backend="seqpar", options={"strategy": strategy, "lower": "eager", "outputs": "local"})
     with torch.no_grad():
         model.generate(make_inputs("llama", 1, S), max_new_tokens=4, do_sample=False)
     return last_report()
@@ -204,6 +204,18 @@ def test_decode_step_moves_the_same_bytes_at_any_context(fake_pg):
         rows[S] = [(r["layer"], r["kind"], r["bytes"]) for r in _decode_report(S)]
     want = [(f"model.layers.{i}", "all_gather", 2 * 1 * H * 1 * (D + 1) * 4) for i in range(L)]
     assert rows[64] == want and rows[512] == want, rows
+
+
+def test_decode_step_of_a_frozen_model_moves_no_weight(fake_pg):
+    """A model whose weights require no grad (``requires_grad_(False)``, as inference code freezes it;
+    checkpoint stand-ins) decodes under tp with its two all_reduce of B x E per layer and nothing else:
+    ATen would trace its projections of a one-token step as bmm of an expanded weight, which no rule
+    splits, and gathered o_proj's weight on every step."""
+    fake_pg(2)
+    E, L = MODEL["hidden"], MODEL["layers"]
+    rows = [(r["layer"], r["kind"], r["bytes"]) for r in _decode_report(9, "tp", frozen=True)]
+    layers = [r for r in rows if r[0].startswith("model.layers.")]
+    assert layers == [(f"model.layers.{i}", "all_reduce", 1 * E * 4) for i in range(L) for _ in range(2)], rows
 
 
 def test_generation_compiles_three_graphs_and_the_next_reuses_them(fake_pg):

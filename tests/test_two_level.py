@@ -87,7 +87,6 @@ def test_per_layer_strategies_across_groups():
     ({"strategy": "tp", "tp_size": 2}, "cannot run across groups"),
     ({"strategy": "megatron_sp", "tp_size": 2}, "cannot run across groups"),
     ({"strategy": "auto", "tp_size": 2}, "chooses tp_size itself"),
-    ({"strategy": "ulysses", "tp_size": 2, "outputs": "local"}, "does not support outputs"),
     ({"strategy": "ulysses", "tp_size": 0}, "positive int"),
 ])
 def test_bad_two_level_options_raise(options, match):
@@ -101,6 +100,32 @@ def test_bad_two_level_options_raise(options, match):
             model(torch.zeros(1, 8, dtype=torch.long))
     err = seqpar_error(info.value)
     assert isinstance(err, OptionsError) and match in str(err), info.value
+
+
+@pytest.mark.parametrize("strategy", ACROSS)
+def test_decode_step_on_a_local_cache_runs_tp_in_the_group(strategy):
+    """outputs="local": the cache stays split by heads within a group and by rows across the groups, so a
+    decode step runs tp in the group (2 all_reduce of B x E) and split-KV across the groups (one all_gather of
+    G x B*H/T*(D+1): out | lse of this rank's heads), the same bytes at 40 and at 300 cached tokens."""
+    from sp_compiler.backend import last_report
+    from sp_compiler.testing import fake_process_group
+
+    N, T, dims = 4, 2, dict(heads=4, kv_heads=2, hidden=64)
+    H, E = dims["heads"], dims["hidden"]
+    D = E // H
+    rows = {}
+    for prompt in (40, 300):
+        torch._dynamo.reset()
+        model = build_model("llama", **dims)
+        model.compile(backend="seqpar", options={"strategy": strategy, "lower": "eager", "tp_size": T,
+                                                 "outputs": "local"})
+        with fake_process_group(N, N - 1), torch.no_grad():
+            model.generate(torch.randint(0, 100, (1, prompt)), max_new_tokens=3, do_sample=False)
+            rows[prompt] = sorted((r["layer"], r["mesh"], r["kind"], r["bytes"]) for r in last_report())
+    want = sorted([(layer, "tp", "all_reduce", 1 * E * FP32) for layer in layer_names("llama", 2)] * 2
+                  + [(layer, "sp", "all_gather", N // T * 1 * H // T * (D + 1) * FP32)
+                     for layer in layer_names("llama", 2)])
+    assert rows[40] == rows[300] == want, rows
 
 
 def test_heads_tp_size_does_not_divide_raise():
@@ -136,15 +161,17 @@ def _rank_body(checkpoint):
 
     from passes.one_in_flight import most_in_flight
     from sp_compiler import from_pretrained, sdpa
-    from sp_compiler.backend import last_graph
+    from sp_compiler.backend import last_graph, output_layout
+    from sp_compiler.kv import local_kv
 
     mask_blocks = importlib.import_module("passes.mask_blocks")   # the module (passes.mask_blocks is the pass)
     ids, mask = _inputs()
     out = {}
     for strategy in GLOO:
         torch._dynamo.reset()
-        if strategy == "vanilla_sp_zigzag":
-            model = from_pretrained(checkpoint, strategy=strategy, tp_size=2, lower="aot_eager")
+        local = strategy == "vanilla_sp_zigzag"
+        if local:
+            model = from_pretrained(checkpoint, strategy=strategy, tp_size=2, lower="aot_eager", outputs="local")
         else:
             model = build_model("llama")
             model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "tp_size": 2})
@@ -156,12 +183,17 @@ def _rank_body(checkpoint):
             mask_blocks.MIN_MASK = saved
         with torch.no_grad():
             graph = last_graph()[0].graph
-            out[strategy] = (r.logits, [layer.keys for layer in r.past_key_values.layers],
-                             [layer.values for layer in r.past_key_values.layers],
+            kv = local_kv(r.past_key_values)
+            rows = next(row for row in output_layout() if row["global_shape"] == [*ids.shape, r.logits.shape[-1]])
+            out[strategy] = (r.logits, [layer["keys"] for layer in kv], [layer["values"] for layer in kv],
                              most_in_flight(graph), last_graph()[1].weight_bytes(),
-                             sum(sdpa.is_attention(n) and sdpa.bind(n).mask is not None for n in graph.nodes))
+                             sum(sdpa.is_attention(n) and sdpa.bind(n).mask is not None for n in graph.nodes),
+                             rows.get("rows"), [layer["positions"] for layer in kv])
             if strategy == "ulysses":
                 out["generate"] = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+            if local:                              # the decode steps read their slices and the local cache
+                out["generate-local"] = (model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                                         last_graph()[1].weight_bytes())
     torch._dynamo.reset()
     model = build_model("mixtral")
     model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "aot_eager", "tp_size": 2,
@@ -191,27 +223,44 @@ def _reference():
     with torch.no_grad():
         r = model(ids, attention_mask=mask)
         gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        padded = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     real = mask.bool()
-    return r, gen, real
+    return r, (gen, padded), real
 
 
 @pytest.mark.parametrize("strategy", GLOO)
 def test_two_level_matches_one_device(strategy, checkpoint):
+    """Whole outputs (ulysses), or (zig-zag, outputs="local") this group's rows of the logits and of the KV
+    cache, with this rank's KV heads: rank r holds head r % T of each layer's 2 (T = 2)."""
     want, _, real = _reference()
     for rank, got in enumerate(_gloo(checkpoint)):
-        logits, keys, values, in_flight, _, masked = got[strategy]
+        logits, keys, values, in_flight, _, masked, rows, positions = got[strategy]
         assert in_flight == 1, (strategy, rank, in_flight)          # gloo: both levels' collectives, one at a time
         assert strategy != "ulysses" or masked > LAYERS, masked     # ulysses: its masks cut into query blocks
-        assert (logits - want.logits)[real].abs().max() < 1e-5, (strategy, rank)
+        mine = [i for start, n in rows for i in range(start, start + n)] if rows else list(range(PROMPT))
+        assert (strategy == "vanilla_sp_zigzag") == (len(mine) < PROMPT), (strategy, rows)
+        assert (logits - want.logits[:, mine])[real[:, mine]].abs().max() < 1e-5, (strategy, rank)
         for i, layer in enumerate(want.past_key_values.layers):
-            assert keys[i].shape == layer.keys.shape and (keys[i] - layer.keys).abs().max() < 1e-5, (strategy, rank, i)
-            assert (values[i] - layer.values).abs().max() < 1e-5, (strategy, rank, i)
+            k, v = layer.keys, layer.values
+            if positions[i] is not None:                            # local: [B, Hkv/T, rows of this group, D]
+                assert sorted(positions[i].tolist()) == mine, (rank, positions[i], rows)
+                h = keys[i].shape[1]
+                assert h == k.shape[1] // 2, keys[i].shape
+                k, v = (t[:, rank % 2 * h:(rank % 2 + 1) * h, positions[i]] for t in (k, v))
+            assert keys[i].shape == k.shape and (keys[i] - k).abs().max() < 1e-5, (strategy, rank, i)
+            assert (values[i] - v).abs().max() < 1e-5, (strategy, rank, i)
 
 
 def test_two_level_generate_matches_one_device(checkpoint):
-    _, gen, _ = _reference()
+    """Greedy generations: ulysses's decode runs whole on the gathered cache; zig-zag's (outputs="local",
+    weights from the checkpoint) runs tp in the group on its cache heads, split-KV across the groups, and
+    reads the same slices as its prefill."""
+    _, (gen, padded), _ = _reference()
     for rank, got in enumerate(_gloo(checkpoint)):
         assert torch.equal(got["generate"], gen), (rank, got["generate"], gen)
+        tokens, decode_bytes = got["generate-local"]
+        assert torch.equal(tokens, padded), (rank, tokens, padded)
+        assert decode_bytes == got["vanilla_sp_zigzag"][4], (rank, decode_bytes)
 
 
 def test_experts_split_across_groups_and_sliced_within():
