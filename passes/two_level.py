@@ -21,13 +21,16 @@ import torch
 
 from sp_compiler.collectives import collective_row
 from sp_compiler.context import INSERTED, PLACEMENT, PassContext, layer_of
+from sp_compiler.errors import OptionsError
 from sp_compiler.kv import KVInput
 from sp_compiler.mesh import Axis
+from sp_compiler.placements import fmt, is_shard
 from sp_compiler.strategies import TP_IN_GROUP
 
 from .lower import fake_inputs, local_example_inputs
 
-__all__ = ["INNER_KEYS", "INNER_SKIPS", "inner_context", "drop_placements", "outer_inputs", "merge"]
+__all__ = ["INNER_KEYS", "INNER_SKIPS", "inner_context", "drop_placements", "outer_inputs", "merge",
+           "check_local_cache"]
 
 #: the PassContext fields the tp step shares with the step across groups
 INNER_KEYS = ("short", "one_in_flight", "whole_outputs", "reads_cache")
@@ -48,14 +51,15 @@ def inner_context(opts, tp: Axis, example_inputs, fqns, fakes=None, kv=None, **s
     step across groups does, unless the cache stays local: then it runs tp on the cache's heads.
 
     ``kv``: the step across groups' cache inputs (split by rows across the groups, ``sp_compiler.kv``);
-    the tp step reads each as split by heads, [B, Hkv/T, S, D], and hands that on as the next step's input."""
+    the tp step reads each as split by heads, [B, Hkv/T, S, D], and hands that on as the next step's input
+    (``check_local_cache`` made sure the prefill left them so)."""
     local = opts.outputs == "local" or not shared.get("short")
     inner_opts = dataclasses.replace(opts, strategy="tp", layers={}, tp_size=1, expert_parallel=False,
                                      outputs="local" if local else "replicate")
     heads = {i: KVInput("heads", info.key, _heads_of(example_inputs[i], info.local)) for i, info in (kv or {}).items()}
     return PassContext(inner_opts, tp.size, tp.rank, tp.group_name, list(example_inputs), list(fqns),
                        fakes=list(fakes) if fakes is not None else None, strategies={"tp": TP_IN_GROUP}, kv=heads,
-                       **shared)
+                       in_group=True, **shared)
 
 
 def _heads_of(stand_in: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -102,3 +106,17 @@ def _group_row(node, T: int) -> dict:
         maker = maker.all_input_nodes[0]
     return {"layer": layer_of(maker),
             **collective_row(kind, None, (T, x.numel()) if kind == "all_gather" else x.shape, x.dtype)}
+
+
+def check_local_cache(ctx: PassContext, caches) -> None:
+    """outputs="local": every KV cache output must leave the tp step split by heads (S(1)), so that each rank
+    keeps its heads of its group's rows and a decode step runs tp on them. ``caches``: output -> (key, shape).
+    A model whose K/V tp leaves whole (Phi-3's fused qkv_proj with fewer KV heads than query heads) is
+    refused: its decode steps would need the cache's heads gathered whole in every group."""
+    for i, (key, _) in caches.items():
+        p = ctx.inner.outputs[i][0]
+        if i in ctx.whole_outputs or (is_shard(p) and p.dim == 1):
+            continue
+        raise OptionsError(f"tp_size={ctx.inner.world} with outputs='local' keeps the KV cache split by heads within "
+                           f"each group, but tp leaves {key} placed {fmt(p)} in this model, not split by heads. "
+                           f"Fix: outputs='replicate' (the cache is gathered whole after the prefill), or tp_size=1")

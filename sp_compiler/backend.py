@@ -32,8 +32,7 @@ import torch
 import torch.distributed as dist
 from tabulate import tabulate
 
-from passes import capture_graph, lower, run_layout
-
+from passes import capture_graph, lower, run_layout, two_level
 from passes.kv_attention import cache_outputs, latent_cache_outputs
 
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
@@ -103,6 +102,8 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
                               one_in_flight=group is not None and dist.get_backend() == "gloo",
                               whole_outputs=latent_cache_outputs(captured, caches),
                               reads_cache=reads_kv_cache(gm, example_inputs))
+    if ctx.inner is not None and opts.outputs == "local":
+        two_level.check_local_cache(ctx, caches)
     _compiles[0] += 1
     level = f" tp_size={opts.tp_size} (tp rank {ctx.inner.rank}; world and rank across groups)" if ctx.inner else ""
     header = f"strategy={opts.strategy}{level} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
@@ -360,6 +361,8 @@ def _kv_row(row, graph, state):
     local = list(state.local(key).shape)
     out = {**row, "kv": key, "split": state.split, "global_rows": state.length, "local_shape": local,
            "global_shape": [*model_shape[:2], state.length, *model_shape[3:]]}
+    if state.tp_size > 1:
+        out.update(tp_size=state.tp_size)                             # this rank's KV heads of its group
     if state.split == "seq":
         out.update(dim=2, layout="kv slots", rows=row_spans(state.local_positions()),
                    local_rows=state.slots.counts[state.rank], rows_per_rank=list(state.slots.counts),
@@ -652,7 +655,9 @@ def compile_count() -> int:
 
 def output_layout() -> List[dict]:
     """Where the outputs of the graph compiled last live on this rank, one dict per output: placement,
-    global and local shape, and for a sharded output the global rows this rank holds."""
+    global and local shape, and for a sharded output the global rows this rank holds; for a KV cache kept
+    local (outputs="local") its key, split, rows or heads, and ``tp_size`` where a two-level layout splits
+    its heads within the group too."""
     return list(_last.get("layout", []))
 
 

@@ -231,6 +231,8 @@ def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
     dim s, padding dropped.
     """
     N, group = b.ctx.world, b.ctx.group_name
+    if b.ctx.in_group:
+        return [_all_gather_dims(b, item, dtype, what) for item in items]
     flat, metas = [], []
     for x, gshape, have in items:
         x, shape, s, gsize = _send_shape(b, x, gshape, have)
@@ -244,6 +246,23 @@ def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
     b.late()
     recv = b(aten.view.default, b(c10d.wait_tensor.default, g), [N, sum(sizes)])
     return [_merge_from_ranks(b, part, *meta) for part, meta in zip(_split_packed(b, recv, sizes), metas)]
+
+
+def _all_gather_dims(b: Builder, item, dtype, what="") -> Node:
+    """One tensor gathered with its dims kept (the tp step of a two-level layout):
+
+        x [d0, .., d_s / N, ..] -> all_gather_into_tensor -> [N * d0, ..] -> view [N, d0, ..] -> dim s whole
+
+    The step across groups then reads a sequence split of x as the same split of the gathered tensor
+    (``rules._in_group_rule``); a packed gather flattens the rows into one dim, which a length the groups
+    do not divide cannot follow through the views that unpack it."""
+    x, gshape, have = item
+    x, shape, s, gsize = _send_shape(b, x, gshape, have)
+    y = b(aten.clone.default, x, memory_format=torch.contiguous_format)
+    g = b(c10d.all_gather_into_tensor.default, y, b.ctx.world, b.ctx.group_name)
+    b.record("all_gather", have.dim, (b.ctx.world, math.prod(shape)), dtype, what)
+    b.late()
+    return _merge_from_ranks(b, b(c10d.wait_tensor.default, g), shape, s, have, gsize)
 
 
 def all_gather_flat(b: Builder, x, numel: int, dtype, what="") -> Node:

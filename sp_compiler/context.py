@@ -76,6 +76,7 @@ class PassContext:
     regions: dict = field(default_factory=dict)   # set by lower: graph pieces, how many lowered (passes/regions)
     strategies: Dict[str, Strategy] = field(default_factory=lambda: STRATEGIES)   # what the options' names mean
     inner: Optional["PassContext"] = None         # two-level layouts: the tp-in-group pipeline this one follows
+    in_group: bool = False                        # ... and that pipeline's own context (collectives.all_gather)
 
     def __post_init__(self):
         self.full_inputs = list(self.example_inputs)          # as Dynamo passed them, before any pass

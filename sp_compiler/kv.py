@@ -13,6 +13,8 @@ the ``KVState`` that holds this rank's real tensors:
         split "seq"    buffers["3.k"]: [B, Hkv, C, D]     this rank's rows in C slots
                        positions:      [C]                each slot's global position, -1 if empty
                        counts:         rows per rank      (the same list on every rank)
+        two levels     buffers["3.k"]: [B, Hkv/T, C, D]   "seq" across the G groups (world G, rank: the
+        (tp_size T)                                       group), this rank's KV heads within its group
 
 The backend swaps each stand-in for its buffer when it runs a graph, and returns new stand-ins.
 Under "seq" the slots grow in buckets (``capacity_for``): a decode step writes its new rows into
@@ -200,7 +202,8 @@ def kv_of(t) -> Tuple[KVState, str]:
 def local_kv(cache) -> List[dict]:
     """This rank's real share of a HuggingFace cache that seqpar keeps split (``outputs="local"``):
     per layer ``{"keys", "values", "positions", "split"}``; ``positions`` (global row of each local row)
-    under a sequence split, None under a head split. Layers holding ordinary tensors are returned as
+    under a sequence split, None under a head split. A two-level layout's (``tp_size``) is split "seq"
+    across the groups, and ``keys`` / ``values`` hold this rank's KV heads of its group's rows. Layers holding ordinary tensors are returned as
     they are (``split`` None)."""
     out = []
     for layer in cache.layers:

@@ -69,6 +69,20 @@ def test_collectives_per_mesh_dim(strategy, world, tp_size):
     assert sorted(sum(rows.values(), [])) == [("sp", "all_gather", B * S * V * FP32)], report
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag"])
+def test_a_gather_inside_the_group_keeps_an_uneven_sequence_split(strategy):
+    """OLMo-2 normalises q and k over all heads, so tp gathers them inside the group. Gathered with its dims
+    kept ([T * B, S/G, ..]), the tensor keeps the sequence split across groups; a packed gather flattened the
+    rows, which a length G does not divide (13 on 2 groups) could not follow (ShardingError)."""
+    from sp_compiler.backend import last_report
+    from sp_compiler.plan import transform
+
+    fm = fake_model("olmo2", layers=LAYERS, vocab=V, **DIMS)
+    transform(fm.config, strategy=strategy, world=4, rank=3, batch=B, seq_len=13, model=fm, options={"tp_size": 2})
+    kinds = Counter((r["mesh"], r["kind"]) for r in last_report() if r["layer"] == "model.layers.1")
+    assert kinds[("tp", "all_gather")] == 2, kinds                 # q and k, whole for their norms
+
+
 def test_per_layer_strategies_across_groups():
     """``layers`` picks the strategy across groups per layer; tp runs inside every group in each."""
     from sp_compiler.backend import last_report
@@ -126,6 +140,22 @@ def test_decode_step_on_a_local_cache_runs_tp_in_the_group(strategy):
                   + [(layer, "sp", "all_gather", N // T * 1 * H // T * (D + 1) * FP32)
                      for layer in layer_names("llama", 2)])
     assert rows[40] == rows[300] == want, rows
+
+
+def test_local_cache_refused_where_tp_leaves_the_kv_heads_whole():
+    """Phi-3's fused qkv_proj with fewer KV heads than query heads: tp leaves its K/V whole, so a cache kept
+    local could not be split by heads within the group; outputs="local" is refused, naming the cache."""
+    from sp_compiler.errors import OptionsError
+    from sp_compiler.testing import fake_process_group, seqpar_error
+
+    model = build_model("phi3")
+    with fake_process_group(4, 1), pytest.raises(Exception) as info:
+        model.compile(backend="seqpar", options={"lower": "eager", "strategy": "ulysses", "tp_size": 2,
+                                                 "outputs": "local"})
+        with torch.no_grad():
+            model(torch.zeros(1, 8, dtype=torch.long))
+    err = seqpar_error(info.value)
+    assert isinstance(err, OptionsError) and "not split by heads" in str(err) and "layers.0" in str(err), err
 
 
 def test_heads_tp_size_does_not_divide_raise():
