@@ -125,6 +125,8 @@ TP_PLAN = {
     "*.mlp.gate_proj": TPRole("colwise", "mlp"),
     "*.mlp.up_proj": TPRole("colwise", "mlp"),
     "*.mlp.down_proj": TPRole("rowwise", "mlp"),
+    # fused [gate | up] of a dense MLP (Phi-3; transformers' packed_colwise)
+    "*.mlp.gate_up_proj": TPRole("colwise", "mlp", blocks=2),
     # GPT-2 (Conv1D, weight stored [in, out])
     "*.attn.c_attn": TPRole("colwise", "attn", blocks=3),
     "*.attn.c_proj": TPRole("rowwise", "attn"),

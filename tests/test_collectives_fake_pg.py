@@ -178,6 +178,23 @@ def test_tp_with_fewer_kv_heads_than_ranks(strategy):
         assert got.get(layer) == want, (layer, got.get(layer), want)
 
 
+def test_tp_slices_a_fused_gate_up_as_two_blocks():
+    """Phi-3's MLP computes gate_up [2I, E] = [gate | up] in one projection: tp gives a rank its half of the
+    gate's rows and its half of the up's (packed colwise, S(0, sf=2)), and down's matching columns; its fused
+    qkv_proj ([q | k | v] of unequal sizes: fewer KV than query heads) stays whole (not built)."""
+    from sp_compiler.placements import Shard, make_shard
+    from sp_compiler.plan import transform
+
+    fm = fake_model("phi3", layers=LAYERS, vocab=VOCAB, heads=4, kv_heads=2, hidden=64)
+    _, ctx = transform(fm.config, strategy="tp", world=2, rank=1, batch=1, seq_len=16, model=fm)
+    placed = {ctx.input_fqns[i]: (p, tuple(ctx.local_inputs[i].shape)) for i, p in ctx.sliced.items()}
+    two_i = fm.config.intermediate_size * 2
+    mlp = "model.layers.0.mlp."
+    assert placed[mlp + "gate_up_proj.weight"] == (make_shard(0, 2), (two_i // 2, 64)), placed
+    assert placed[mlp + "down_proj.weight"] == (Shard(1), (64, two_i // 4)), placed
+    assert "model.layers.0.self_attn.qkv_proj.weight" not in placed, placed
+
+
 def test_gpt2_ulysses_is_multi_head():
     """GPT-2 has no KV grouping: its packed exchange is exactly 3*H heads."""
     report = compile_report("gpt2", "ulysses", 2, **SHAPES[2])
