@@ -69,7 +69,7 @@ def test_collectives_per_mesh_dim(strategy, world, tp_size):
     assert sorted(sum(rows.values(), [])) == [("sp", "all_gather", B * S * V * FP32)], report
 
 
-@pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag"])
+@pytest.mark.parametrize("strategy", full_or(("vanilla_sp_zigzag",), ("ulysses", "vanilla_sp_zigzag")))
 def test_a_gather_inside_the_group_keeps_an_uneven_sequence_split(strategy):
     """OLMo-2 normalises q and k over all heads, so tp gathers them inside the group. Gathered with its dims
     kept ([T * B, S/G, ..]), the tensor keeps the sequence split across groups; a packed gather flattened the
@@ -116,7 +116,7 @@ def test_bad_two_level_options_raise(options, match):
     assert isinstance(err, OptionsError) and match in str(err), info.value
 
 
-@pytest.mark.parametrize("strategy", ACROSS)
+@pytest.mark.parametrize("strategy", full_or(("ulysses", "vanilla_sp_zigzag"), ACROSS))
 def test_decode_step_on_a_local_cache_runs_tp_in_the_group(strategy):
     """outputs="local": the cache stays split by heads within a group and by rows across the groups, so a
     decode step runs tp in the group (2 all_reduce of B x E) and split-KV across the groups (one all_gather of
