@@ -55,6 +55,10 @@ def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         hkv = _kv_heads(gm, attn, placeholders, ctx, D)
         if hkv is None or hkv % N == 0:
             continue
+        if ctx.in_group:                        # two levels: the widened heads would meet the split across groups
+            raise ShapeConstraintError(
+                f"tensor-parallel attention in '{layer}' has {hkv} KV heads for {N} ranks: a two-level layout "
+                f"does not share a KV head between the ranks of a group")
         if N % hkv:
             raise ShapeConstraintError(
                 f"tensor-parallel attention in '{layer}' has {hkv} KV heads for {N} ranks: the KV heads must be "

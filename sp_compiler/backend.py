@@ -439,7 +439,7 @@ class _Bucketed:
         S = args[self.token].shape[1]
         with _joined_on_failure(self.opts, args, self.token, self.fqns):
             self._check_lengths(args, S)
-            padded_len = bucket_length(S, world_info()[0] // self.opts.tp_size, self.opts.buckets)  # split: G ways
+            padded_len = bucket_length(S, across_groups(self.opts.tp_size)[0], self.opts.buckets)  # split G ways
             if self.out_dims is None:
                 padded_len = S                                 # outputs not recognised: exact length
             padded = [self._pad(i, a, S, padded_len) for i, a in enumerate(args)]

@@ -203,8 +203,8 @@ def local_kv(cache) -> List[dict]:
     """This rank's real share of a HuggingFace cache that seqpar keeps split (``outputs="local"``):
     per layer ``{"keys", "values", "positions", "split"}``; ``positions`` (global row of each local row)
     under a sequence split, None under a head split. A two-level layout's (``tp_size``) is split "seq"
-    across the groups, and ``keys`` / ``values`` hold this rank's KV heads of its group's rows. Layers holding ordinary tensors are returned as
-    they are (``split`` None)."""
+    across the groups, and ``keys`` / ``values`` hold this rank's KV heads of its group's rows. Layers
+    holding ordinary tensors are returned as they are (``split`` None)."""
     out = []
     for layer in cache.layers:
         entry = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -243,8 +244,7 @@ def test_dump_writes_graph_and_collectives(tmp_path):
     memory = (tmp_path / "memory.txt").read_text().splitlines()
     rows = memory[memory.index(next(line for line in memory if line.startswith("---"))) + 1:]
     assert "largest intermediates" in "\n".join(memory) and len(rows) == 5
-    sizes = [int(next(w for w in row.split() if w.replace(",", "").isdigit() and "," in w).replace(",", ""))
-             for row in rows]
+    sizes = [int(re.split(r"\s{2,}", row)[3].replace(",", "")) for row in rows]   # node, shape, dtype, bytes, module
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
     assert "rank=1" in (tmp_path / "graph.txt").read_text()
     assert main(["dump", "--model", "gpt2", "--strategy", "tp", "--world-size", "4", "--rank", "0",

@@ -158,13 +158,16 @@ def test_local_cache_refused_where_tp_leaves_the_kv_heads_whole():
     assert isinstance(err, OptionsError) and "not split by heads" in str(err) and "layers.0" in str(err), err
 
 
-def test_heads_tp_size_does_not_divide_raise():
+@pytest.mark.parametrize("kv_heads,world,tp_size", [(2, 6, 3), (1, 4, 2)])
+def test_heads_tp_size_does_not_divide_raise(kv_heads, world, tp_size):
+    """T must divide the heads: 3 does not divide 4 query heads; 2 ranks of a group cannot share one KV head
+    (one level widens it; two levels raised an internal error from share_kv_heads before)."""
     from sp_compiler.errors import ShapeConstraintError
     from sp_compiler.testing import fake_process_group, seqpar_error
 
-    model = build_model("llama", heads=4, kv_heads=2)
-    with fake_process_group(6, 0), pytest.raises(Exception) as info:
-        model.compile(backend="seqpar", options={"lower": "eager", "strategy": "ulysses", "tp_size": 3})
+    model = build_model("llama", heads=4, kv_heads=kv_heads)
+    with fake_process_group(world, 0), pytest.raises(Exception) as info:
+        model.compile(backend="seqpar", options={"lower": "eager", "strategy": "ulysses", "tp_size": tp_size})
         with torch.no_grad():
             model(torch.zeros(1, 8, dtype=torch.long))
     err = seqpar_error(info.value)
