@@ -88,9 +88,11 @@ def _kv_pos_input(gm, ctx):
 
 
 def _cached(attn, x):
-    """(slots placeholder, new rows, the cat) behind attention's K or V: x = view chain(cat(slots, new))."""
+    """(slots placeholder, new rows, the cat) behind attention's K or V: x = view chain(cat(slots, new)); the
+    chain may repeat the KV heads (``share_kv_heads`` under Ulysses), which ``_repeat`` does again for both
+    partial attentions."""
     chain = x
-    while chain.op == "call_function" and chain.target in TRANSPARENT:
+    while chain.op == "call_function" and (chain.target in TRANSPARENT or _repeats_heads(chain)):
         chain = chain.args[0]
     if chain.op != "call_function" or chain.target != aten.cat.default or len(chain.args[0]) != 2:
         raise ShardingError(attn, f"its keys/values come from a KV cache kept split by sequence through "
@@ -100,6 +102,10 @@ def _cached(attn, x):
     if slots.op != "placeholder" or not is_rank_local(_placement(slots)):
         raise ShardingError(attn, f"'{chain.name}' concatenates '{slots.name}', which is not a KV cache input")
     return slots, new, chain
+
+
+def _repeats_heads(n) -> bool:
+    return n.target == aten.repeat_interleave.self_int and len(n.args) > 2 and n.args[2] == 1
 
 
 def _split_kv(gm, node, call, ctx, kv_pos, k, v):

@@ -142,6 +142,24 @@ def test_decode_step_on_a_local_cache_runs_tp_in_the_group(strategy):
     assert rows[40] == rows[300] == want, rows
 
 
+def test_a_follow_up_prefill_reads_a_local_cache_under_ulysses():
+    """A second turn on a cache kept local, under ulysses x tp2 with one KV head per rank: ulysses repeats it
+    for the two groups (share_kv_heads), which split-KV attention reads through (it raised ShardingError,
+    'not a concatenation of the cache with the step's new rows'). Exact on gloo by script (1.3e-7)."""
+    from sp_compiler.backend import last_report
+    from sp_compiler.testing import fake_process_group
+
+    model = build_model("llama", heads=4, kv_heads=2)
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "tp_size": 2, "outputs": "local"})
+    with fake_process_group(4, 2), torch.no_grad():
+        out = model.generate(torch.randint(0, 100, (1, 13)), max_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True)
+        model(torch.randint(0, 100, (1, 6)), past_key_values=out.past_key_values, use_cache=True)
+        kinds = Counter((r["mesh"], r["kind"], "split-KV" in r.get("what", "")) for r in last_report()
+                        if r["layer"] == "model.layers.1")
+    assert kinds[("sp", "all_gather", True)] == 1 and kinds[("tp", "all_reduce", False)] == 2, kinds
+
+
 def test_local_cache_refused_where_tp_leaves_the_kv_heads_whole():
     """Phi-3's fused qkv_proj with fewer KV heads than query heads: tp leaves its K/V whole, so a cache kept
     local could not be split by heads within the group; outputs="local" is refused, naming the cache."""
