@@ -9,11 +9,13 @@ computed here from the model's dimensions (never read back from the engine):
                            1 x all_to_all back       B*L*H/T*D*4
     vanilla_sp (across)    1 x all_gather of K|V     B*S*2*Hkv/T*D*4
     outside the layers     1 x all_gather of the logits across groups, B*S*V*4; nothing within a group
+    a decode step, outputs="local" (B = 1):  tp 2 x all_reduce of E*4; sp 1 x all_gather of G*H/T*(D+1)*4
 
 On 4 gloo ranks (2 x 2), against one process: HF's default call (``use_cache=True``) on a padded batch
 of a length G does not divide, with its KV cache, under ulysses and zig-zag across groups (``--full``:
 vanilla_sp too), both levels' collectives one at a time; a greedy ``generate``; and ``from_pretrained``
-reading each rank's slices from a checkpoint.
+reading each rank's slices from a checkpoint, with outputs="local": its cache shards (heads within the group,
+rows across) and a generation that decodes on them.
 """
 from __future__ import annotations
 
