@@ -68,7 +68,7 @@ class _Capture(torch.fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def _linear(x, weight, bias=None):
+def _linear(input, weight, bias=None):                          # F.linear's own parameter names
     """``F.linear`` as ATen traces it for a weight that requires grad, whatever the weight's flag:
 
         x [.., K] -> view [M, K] -> mm(., t(weight)) [M, N] (+ bias) -> view [.., N]
@@ -77,6 +77,7 @@ def _linear(x, weight, bias=None):
     dims are contiguous); otherwise it expands the weight to [B, K, N] and calls bmm, where no rule sees a
     projection, so a frozen model (``requires_grad_(False)``, checkpoint stand-ins) had its rowwise weights
     gathered whole on every decode step. The same products, summed in the same order."""
+    x = input
     if x.dim() < 3 or weight.dim() != 2:
         return F.linear(x, weight, bias)
     out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())
