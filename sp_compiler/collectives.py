@@ -230,7 +230,7 @@ def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
     -> [N * sum F_i]; view [N, sum F_i], split, and per tensor put rank j's rows at its chunks of
     dim s, padding dropped.
     """
-    N, group = b.ctx.world, b.ctx.group_name
+    N = b.ctx.world
     if b.ctx.in_group:
         return [_all_gather_dims(b, item, dtype, what) for item in items]
     flat, metas = [], []
@@ -241,10 +241,7 @@ def all_gather(b: Builder, items: Sequence[tuple], dtype, what="") -> List[Node]
         metas.append((rshape, s, have, gsize))
     sizes = [math.prod(m[0]) for m in metas]
     packed = flat[0] if len(flat) == 1 else b(aten.cat.default, flat)
-    g = b(c10d.all_gather_into_tensor.default, packed, N, group)
-    b.record("all_gather", items[0][2].dim, (N, sum(sizes)), dtype, what)
-    b.late()
-    recv = b(aten.view.default, b(c10d.wait_tensor.default, g), [N, sum(sizes)])
+    recv = b(aten.view.default, _gathered(b, packed, sum(sizes), items[0][2].dim, dtype, what), [N, sum(sizes)])
     return [_merge_from_ranks(b, part, *meta) for part, meta in zip(_split_packed(b, recv, sizes), metas)]
 
 
@@ -259,18 +256,21 @@ def _all_gather_dims(b: Builder, item, dtype, what="") -> Node:
     x, gshape, have = item
     x, shape, s, gsize = _send_shape(b, x, gshape, have)
     y = b(aten.clone.default, x, memory_format=torch.contiguous_format)
-    g = b(c10d.all_gather_into_tensor.default, y, b.ctx.world, b.ctx.group_name)
-    b.record("all_gather", have.dim, (b.ctx.world, math.prod(shape)), dtype, what)
-    b.late()
-    return _merge_from_ranks(b, b(c10d.wait_tensor.default, g), shape, s, have, gsize)
+    return _merge_from_ranks(b, _gathered(b, y, math.prod(shape), have.dim, dtype, what), shape, s, have, gsize)
 
 
 def all_gather_flat(b: Builder, x, numel: int, dtype, what="") -> Node:
     """Every rank's own 1-D ``x`` ([numel], contiguous) -> [N, numel], row j from rank j."""
+    return b(aten.view.default, _gathered(b, x, numel, None, dtype, what), [b.ctx.world, numel])
+
+
+def _gathered(b: Builder, x, numel: int, dim, dtype, what="") -> Node:
+    """all_gather_into_tensor of contiguous ``x`` ([numel] values) on the group, recorded and waited:
+    the ranks' pieces stacked on dim 0, [N * x.shape[0], ..]."""
     g = b(c10d.all_gather_into_tensor.default, x, b.ctx.world, b.ctx.group_name)
-    b.record("all_gather", None, (b.ctx.world, numel), dtype, what)
+    b.record("all_gather", dim, (b.ctx.world, numel), dtype, what)
     b.late()
-    return b(aten.view.default, b(c10d.wait_tensor.default, g), [b.ctx.world, numel])
+    return b(c10d.wait_tensor.default, g)
 
 
 def all_reduce(b: Builder, x, gshape, dtype):

@@ -75,9 +75,9 @@ def mesh_of(tp_size: int = 1, before_groups: Optional[Callable[[], None]] = None
         return cached[1]
     if before_groups is not None:
         before_groups()
-    G, T = world // tp_size, tp_size
+    (G, group), T = across_groups(tp_size), tp_size
     tp, _ = dist.new_subgroups_by_enumeration([list(range(g * T, (g + 1) * T)) for g in range(G)])
     sp, _ = dist.new_subgroups_by_enumeration([list(range(t, world, T)) for t in range(T)])
-    mesh = Mesh(sp=Axis(G, rank // T, sp.group_name), tp=Axis(T, rank % T, tp.group_name))
+    mesh = Mesh(sp=Axis(G, group, sp.group_name), tp=Axis(T, rank % T, tp.group_name))
     _meshes[tp_size] = (dist.group.WORLD, mesh)
     return mesh
