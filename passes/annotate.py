@@ -9,6 +9,7 @@
         colwise  Linear [out, in] -> S(0)   Conv1D [in, out] -> S(1)   bias -> S(0)
         rowwise  Linear [out, in] -> S(1)   Conv1D [in, out] -> S(0)   bias -> R
         experts  gate_up [E, 2I, H] -> S(1, sf=2)   down [E, H, I] -> S(2)
+                 (gpt-oss: [E, H, 2I] interleaved -> S(2), its bias [E, 2I] -> S(1); down [E, I, H] -> S(1))
         vocab    embedding, lm_head [V, H] -> S(0) (a vocabulary N does not divide stays whole)
         fused [q | k | v] and [gate | up] use S(d, sf): every block is split on its own
     expert_parallel: the experts [E, ...] -> S(0), whatever the strategy (passes/expert_parallel)
@@ -83,7 +84,7 @@ def _placement(node, fqn, ctx):
     dim = _tp_dim(node, role)
     if dim is None or (role.style == "vocab" and shape[0] % ctx.world):     # a vocabulary N does not divide
         return Replicate()                                                     # stays whole
-    blocks = role.blocks if role.style == "colwise" else 1
+    blocks = role.blocks if role.style == "colwise" and not _read_interleaved(node) else 1
     if (shape[dim] // blocks) % ctx.world:
         raise ShapeConstraintError(
             f"{fqn}: {role.style} tensor parallelism splits dim {dim} of size {shape[dim] // blocks} "
@@ -118,6 +119,29 @@ def _tp_dim(node, role):
         return 0 if role.style == "colwise" else None
     out_in = any(_swaps_last_two(u, nd) for u in node.users)
     return nd - 2 if (role.style == "colwise") == out_in else nd - 1
+
+
+def _read_interleaved(node, depth: int = 4) -> bool:
+    """Whether a fused [gate | up] projection is stored interleaved, [g0, u0, g1, u1, ...] (gpt-oss:
+    ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``): a slice with step 2 within ``depth`` ops of the
+    parameter. Such a projection is split as one block, not two: a contiguous piece of the columns holds
+    whole (gate, up) pairs, in the order of down's rows (the packed split would hold features that down's
+    rows do not match, and reshuffle the activations between the matmuls).
+
+        packed [g | u]:        S(d, sf=2)      each rank: g[its half] | u[its half]
+        interleaved [g0 u0 ..]: S(d)            each rank: its half of the pairs
+    """
+    todo, seen = [(node, 0)], {node}
+    while todo:
+        n, d = todo.pop()
+        if n.target == aten.slice.Tensor and len(n.args) > 4 and n.args[4] == 2:
+            return True
+        if d < depth:
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    todo.append((u, d + 1))
+    return False
 
 
 def _swaps_last_two(user, nd) -> bool:

@@ -26,6 +26,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from sp_compiler.errors import SeqparError
 
+from .eager_attention import attend, find_eager_attention
+
 __all__ = ["capture", "copy_graph"]
 
 _DECOMPOSE = torch._decomp.get_decompositions([torch.ops.aten.addmm])
@@ -52,8 +54,22 @@ def capture(gm: torch.fx.GraphModule, example_inputs, fakes=None) -> torch.fx.Gr
 
 
 class _Capture(torch.fx.Interpreter):
-    """Dynamo's graph, run for make_fx; attention with narrower values than keys on padded values, and
-    every projection of a [.., S, K] input as one mm (``_linear``)."""
+    """Dynamo's graph, run for make_fx; attention with narrower values than keys on padded values, every
+    projection of a [.., S, K] input as one mm (``_linear``), attention in eager ops as one attention op
+    (``passes/eager_attention``: the nodes between its scores and its output are not run)."""
+
+    def __init__(self, gm):
+        super().__init__(gm, garbage_collect_values=False)       # q, k, v outlive the skipped score nodes
+        self.eager = find_eager_attention(gm.graph)
+        self.skipped = {n for m in self.eager.values() for n in m.interior} - set(self.eager)
+
+    def run_node(self, n):
+        if n in self.skipped:
+            return None
+        if n in self.eager:
+            with self._set_current_node(n):
+                return attend(self.eager[n], self.env, self.call_function)
+        return super().run_node(n)
 
     def call_function(self, target, args, kwargs):
         if target is F.linear:

@@ -20,7 +20,8 @@ Recognition never builds the S x S mask. The mask's producers are evaluated abst
                    - and: intersect;  or / not: only where the result is again one interval
                    - tril / triu of a bool: intersect with j <= i + d / j >= i + d
                    - expand / unsqueeze / slice / clone / bool casts: on lo, hi
-    Rows, additive where(rows, 0, -inf), masked_fill(0, ~rows, -inf), sums of such masks
+    Rows, additive where(rows, 0, -inf), masked_fill(0, ~rows, -inf), sums of such masks (-inf or the
+                   dtype's lowest value, which eager attention's masks use: see ``_masked``)
     unknown        anything else, and everything that reads a graph input (padding masks,
                    position_ids, packed documents): the mask stays as it is
 
@@ -351,15 +352,21 @@ def _arg_value(n, env, i):
     return env[a] if isinstance(a, Node) else Dense(a)
 
 
+def _masked(value, dtype) -> bool:
+    """An additive mask's "hidden" value: -inf, or the dtype's lowest (HF's eager masks). The same for
+    a causal mask: every query row sees its own key, so softmax gives the hidden keys weight 0 either way."""
+    return value == -math.inf or (isinstance(value, float) and value == torch.finfo(dtype).min)
+
+
 def _select_rows(cond: Rows, x, y, dtype, shape) -> Optional[Rows]:
     """where(cond, x, y) for scalar x, y: the same rows, their complement, or None."""
     if dtype == torch.bool and isinstance(x, bool) and isinstance(y, bool):
         return cond if (x, y) == (True, False) else _complement(cond) if (x, y) == (False, True) else None
     if dtype.is_floating_point and x is not None and y is not None and not isinstance(x, bool) \
             and not isinstance(y, bool):
-        if x == 0 and y == -math.inf:
+        if x == 0 and _masked(y, dtype):
             return Rows(cond.lo, cond.hi, shape, additive=True, dtype=dtype)
-        if x == -math.inf and y == 0:
+        if _masked(x, dtype) and y == 0:
             c = _complement(cond)
             return Rows(c.lo, c.hi, shape, additive=True, dtype=dtype) if c is not None else None
     return None
@@ -379,7 +386,7 @@ def _masked_fill(n, env, shape, dtype):
     if m is None:
         return None
     if isinstance(x, Rows):
-        if x.additive and dtype.is_floating_point and value == -math.inf:          # additive & ~m
+        if x.additive and dtype.is_floating_point and _masked(value, dtype):       # additive & ~m
             keep = _complement(m)
             r = _as_rows(Rows(x.lo, x.hi, x.shape), shape)
             if keep is None or r is None:
@@ -559,4 +566,4 @@ def _dense_is_causal(m, shape) -> bool:
         return bool((m == allowed).all())
     if not m.dtype.is_floating_point:
         return False
-    return bool((m[..., allowed] == 0).all()) and bool((m[..., ~allowed] == -math.inf).all())
+    return bool((m[..., allowed] == 0).all()) and bool((m[..., ~allowed] <= torch.finfo(m.dtype).min).all())

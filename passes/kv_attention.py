@@ -38,7 +38,7 @@ from sp_compiler.rules import TRANSPARENT, kv_sources, shape_of
 
 aten = torch.ops.aten
 
-__all__ = ["kv_attention", "merge_partials", "cache_outputs", "latent_cache_outputs", "KV_POS"]
+__all__ = ["kv_attention", "merge_partials", "cache_outputs", "whole_cache_outputs", "KV_POS"]
 
 KV_POS = "kv_pos"            # name of the slot-position input this pass adds
 
@@ -52,15 +52,8 @@ def kv_attention(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     for node in todo:
         call = sdpa.bind(node)
         (k_slots, k_new, k_cat), (v_slots, v_new, v_cat) = _cached(node, call.k), _cached(node, call.v)
-        out = _split_kv(gm, node, call, ctx, kv_pos, (k_slots, k_new), (v_slots, v_new))
-        for u in list(node.users):
-            if u.args[1] != sdpa.OUTPUT and u.users:
-                raise ShardingError(node, "split-KV attention rebuilds only the attention output, but its "
-                                          "logsumexp is used too")
-            if u.args[1] == sdpa.OUTPUT:
-                u.replace_all_uses_with(out)
-            gm.graph.erase_node(u)
-        gm.graph.erase_node(node)
+        out, lse = _split_kv(gm, node, call, ctx, kv_pos, (k_slots, k_new), (v_slots, v_new))
+        sdpa.replace(node, out, lse)
         rewired.update({k_cat: k_new, v_cat: v_new})
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     for old, new in rewired.items():                     # the cache outputs: this call's new rows
@@ -109,7 +102,8 @@ def _repeats_heads(n) -> bool:
 
 
 def _split_kv(gm, node, call, ctx, kv_pos, k, v):
-    """The partial attentions over this rank's slots and the new rows, merged (module docstring)."""
+    """The partial attentions over this rank's slots and the new rows, merged (module docstring): the
+    output and its logsumexp (read by an attention-sink correction, ``passes/eager_attention``)."""
     b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
     q, mask = call.q, call.mask
     B, H, Sq, D = node.meta["val"][sdpa.OUTPUT].shape             # q's shape: it arrives whole (an inserted gather)
@@ -125,13 +119,13 @@ def _split_kv(gm, node, call, ctx, kv_pos, k, v):
     m_b = _columns(b, mask, None, cols, (B, 1, Sq), dtype)
     part_b = _attend(b, node, call, q, _repeat(b, k_new, H), _repeat(b, v_new, H), m_b)
     if new_sharded:
-        out, _ = _across_ranks(b, merge_partials(b, [part_a, part_b]), (B, H, Sq, D), ctx)
+        out, lse = _across_ranks(b, merge_partials(b, [part_a, part_b]), (B, H, Sq, D), ctx)
     else:
-        out, _ = merge_partials(b, [_across_ranks(b, part_a, (B, H, Sq, D), ctx), part_b])
+        out, lse = merge_partials(b, [_across_ranks(b, part_a, (B, H, Sq, D), ctx), part_b])
     out = b(aten._to_copy.default, out, dtype=dtype)
-    out.meta[PLACEMENT] = Replicate()
+    out.meta[PLACEMENT] = lse.meta[PLACEMENT] = Replicate()
     ctx.collectives += [{"layer": layer_of(node), **row} for row in b.rows]
-    return out
+    return out, lse                                     # [B, H, Sq, D], [B, H, Sq] fp32: over every key
 
 
 def _repeat(b, x, heads):
@@ -222,16 +216,28 @@ def cache_outputs(gm: torch.fx.GraphModule) -> dict:
     return found
 
 
-def latent_cache_outputs(gm: torch.fx.GraphModule, caches: dict) -> frozenset:
-    """Graph outputs that are a cache the model reads back, but not as K or V: 4-D outputs that reach an
-    attention's K or V through computation, not layout alone. HF's MLA (DeepSeek-V2/V3) caches its
-    compressed latent [B, 1, S, kv_lora_rank] and rope keys [B, 1, S, rope] and expands them into
-    per-head K/V (``kv_b_proj``) after the cache. seqpar cannot keep these split where the prefill left
-    them (``outputs="local"``): they are returned whole (the latent is small: kv_lora_rank + rope values
-    per token, against 2 x heads x head_dim for K/V), so a decode step reads them like any input.
-    ``caches``: what :func:`cache_outputs` found, left out here."""
+def whole_cache_outputs(gm: torch.fx.GraphModule, caches: dict) -> frozenset:
+    """Graph outputs that are a cache the model reads back, but not as K or V, so seqpar returns them whole
+    under ``outputs="local"`` too (a decode step reads them like any input): 4-D outputs that are, or
+    slice, what an attention's K or V is computed from. ``caches``: what :func:`cache_outputs` found,
+    left out here.
+
+    - HF's MLA (DeepSeek-V2/V3) caches its compressed latent [B, 1, S, kv_lora_rank] and rope keys
+      [B, 1, S, rope] and expands them into per-head K/V (``kv_b_proj``) after the cache: small
+      (kv_lora_rank + rope values per token, against 2 x heads x head_dim for K/V).
+    - A sliding-window layer (``DynamicSlidingWindowLayer``: Mistral, gpt-oss) keeps only the last
+      window - 1 rows, ``k[:, :, -(w - 1):]``, a slice of what attention reads: bounded by the window.
+    """
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     feeds = kv_sources(gm.graph)
     leaves = torch.utils._pytree.tree_leaves(output.args[0])
     return frozenset(i for i, leaf in enumerate(leaves)
-                     if i not in caches and leaf in feeds and len(shape_of(leaf) or ()) == 4)
+                     if i not in caches and len(shape_of(leaf) or ()) == 4 and _sliced_base(leaf) in feeds)
+
+
+def _sliced_base(x):
+    """What ``x`` is a slice (or view) of: back through slices and layout-only ops."""
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" and (
+            x.target in TRANSPARENT or x.target == aten.slice.Tensor):
+        x = x.args[0]
+    return x

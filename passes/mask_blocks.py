@@ -93,25 +93,29 @@ def _split(gm, node, call, whole, spans, ctx, block, prev):
     """``spans``: (global first row, rows) of the query rows this node holds, in local order;
     ``prev``: the output the first block's mask waits for (``ordering.after``). Returns the last block's."""
     b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
-    outs, local = [], 0
+    outs, lses, local = [], [], 0
+    read_lse = sdpa.lse_of(node) is not None             # an attention-sink correction reads it
     for first, count in spans:
         for start in range(first, first + count, block):
             n = min(block, first + count - start)
             q_i = b(aten.slice.Tensor, call.q, 2, local, local + n)
             local += n
             m_i = narrow(b, whole, 2, functools.partial(_rows, start=start, n=n, dep=prev), rows=lambda size, n_=n: n_)
-            args, kwargs = sdpa.to_args(call.replace(q=q_i, mask=m_i))
-            prev = b(operator.getitem, b(node.target, *args, **kwargs), sdpa.OUTPUT)
+            if read_lse:
+                prev, lse = sdpa.call(b, node.target, q_i, call.k, call.v, call.is_causal, scale=call.scale,
+                                      rows=n, mask=m_i)
+                lses.append(lse)
+            else:
+                args, kwargs = sdpa.to_args(call.replace(q=q_i, mask=m_i))
+                prev = b(operator.getitem, b(node.target, *args, **kwargs), sdpa.OUTPUT)
             outs.append(prev)
     out = b(aten.cat.default, outs, 2)
-    out.meta[PLACEMENT] = node.meta[PLACEMENT][sdpa.OUTPUT] if isinstance(node.meta[PLACEMENT], tuple) \
-        else node.meta[PLACEMENT]
-    for u in list(node.users):
-        if u.args[1] == sdpa.OUTPUT:
-            u.replace_all_uses_with(out)
-            gm.graph.erase_node(u)
-    if not node.users:
-        gm.graph.erase_node(node)
+    lse = b(aten.cat.default, lses, 2) if read_lse else None
+    placed = node.meta[PLACEMENT][sdpa.OUTPUT] if isinstance(node.meta[PLACEMENT], tuple) else node.meta[PLACEMENT]
+    for x in (out, lse):
+        if x is not None:
+            x.meta[PLACEMENT] = placed
+    sdpa.replace(node, out, lse)
     return prev
 
 

@@ -80,8 +80,9 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 
 
 def _warn_whole_scores(gm, ctx):
-    """Attention seqpar does not recognise (eager attention: gpt-oss's sinks) in a sequence layout gets
-    q, k and v gathered and runs whole on every rank: correct, not parallel. Say so, once per compile:
+    """Attention seqpar does not recognise (eager ops ``passes/eager_attention`` cannot match: GPT-2's,
+    which divides by a tensor) in a sequence layout gets q, k and v gathered and runs whole on every
+    rank: correct, not parallel. Say so, once per compile:
     a softmax over keys, [.., S, >= S] scores, left whole in a layer whose strategy splits the sequence."""
     layers = sorted({layer_path(module_path(n)) for n in gm.graph.nodes
                      if n.op == "call_function" and n.target == aten._softmax.default
@@ -89,7 +90,7 @@ def _warn_whole_scores(gm, ctx):
                      and shape_of(n)[-1] >= ctx.seq_len and isinstance(placement_of(n), Replicate)
                      and ctx.strategy_for(n).seq_sharded} - {None})
     if layers:
-        log.warning("seqpar: attention in %s is not one seqpar recognises (eager attention, e.g. with sinks); "
+        log.warning("seqpar: attention in %s is not one seqpar recognises (eager ops it cannot match); "
                     "every rank gathers q, k and v and computes all of its [S, S] scores: exact, not parallel. "
                     "Fix: load the model with attn_implementation='sdpa' if it supports it", ", ".join(layers))
 

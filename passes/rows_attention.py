@@ -76,11 +76,8 @@ def _attend(b, node, q, k, v, causal, rows):
 def _split_causal(gm, node, ctx, zigzag):
     call = sdpa.bind(node)
     q, k, v = call.q, call.k, call.v
-    lse_users = [u for u in node.users if u.args[1] != sdpa.OUTPUT and u.users]
-    if lse_users:
-        raise ShardingError(node, "the attention's logsumexp output is used; rows attention rebuilds only the output")
     b = Builder(gm.graph, after=node.prev, before=node, ctx=ctx)
-    outs, at = [], 0
+    outs, lses, at = [], [], 0
     for start, C in Layout(ctx.seq_len, ctx.world, zigzag).spans(ctx.rank):
         q_i = b(aten.slice.Tensor, q, 2, at, at + C)                                      # [B, H, C, D]
         at += C
@@ -88,6 +85,7 @@ def _split_causal(gm, node, ctx, zigzag):
                              b(aten.slice.Tensor, v, 2, start, start + C), True, C)
         if start == 0:
             outs.append(o_d)
+            lses.append(lse_d)
             continue
         o_p, lse_p = _attend(b, node, q_i, b(aten.slice.Tensor, k, 2, 0, start),
                              b(aten.slice.Tensor, v, 2, 0, start), False, C)
@@ -96,10 +94,7 @@ def _split_causal(gm, node, ctx, zigzag):
         w_p = b(aten.unsqueeze.default, b(aten.exp.default, b(aten.sub.Tensor, lse_p, lse)), -1)
         o = b(aten.add.Tensor, b(aten.mul.Tensor, o_d, w_d), b(aten.mul.Tensor, o_p, w_p))
         outs.append(b(aten._to_copy.default, o, dtype=node.meta["val"][0].dtype))
-    out = outs[0] if len(outs) == 1 else b(aten.cat.default, outs, 2)
-    out.meta[PLACEMENT] = node.meta[PLACEMENT][0]
-    for u in list(node.users):
-        if u.args[1] == sdpa.OUTPUT:
-            u.replace_all_uses_with(out)
-        gm.graph.erase_node(u)
-    gm.graph.erase_node(node)
+        lses.append(lse)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (b(aten.cat.default, outs, 2), b(aten.cat.default, lses, 2))
+    out.meta[PLACEMENT] = lse.meta[PLACEMENT] = node.meta[PLACEMENT][0]
+    sdpa.replace(node, out, lse)                     # the logsumexp: read by an attention-sink correction

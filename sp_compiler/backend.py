@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tabulate import tabulate
 
 from passes import capture_graph, lower, run_layout, two_level
-from passes.kv_attention import cache_outputs, latent_cache_outputs
+from passes.kv_attention import cache_outputs, whole_cache_outputs
 
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
 from .config import STRATEGY_NAMES, Options
@@ -100,7 +100,7 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     aten_gm, ctx = run_layout(captured, example_inputs, fqns, opts, mesh, fakes=fakes, on_pass=dumper.on_pass,
                               real_len=real_len, kv=dict(kv or {}), short=short,
                               one_in_flight=group is not None and dist.get_backend() == "gloo",
-                              whole_outputs=latent_cache_outputs(captured, caches),
+                              whole_outputs=whole_cache_outputs(captured, caches),
                               reads_cache=reads_kv_cache(gm, example_inputs))
     if ctx.inner is not None and opts.outputs == "local":
         two_level.check_local_cache(ctx, caches)

@@ -60,8 +60,16 @@ def _truncated(config, layers: int):
         value = getattr(cfg, key, None)
         if isinstance(value, list) and len(value) > n:
             setattr(cfg, key, value[:n])
-    cfg._attn_implementation = "sdpa"
+    if cfg._attn_implementation is None:                         # what loading the model would choose
+        cfg._attn_implementation = "sdpa" if _supports_sdpa(cfg) else "eager"   # gpt-oss: eager (its sinks)
     return cfg
+
+
+def _supports_sdpa(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return getattr(cls, "_supports_sdpa", True) is not False
 
 
 def build_fake_model(config, *, layers: int = 2, dtype: torch.dtype = torch.float32) -> FakeModel:

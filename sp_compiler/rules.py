@@ -243,6 +243,22 @@ def kept_rows(node):
     return None
 
 
+def _every_kth(node, p, ctx) -> bool:
+    """``x[..., j::k]`` (j < k) of a feature dim split in pieces whose sizes k divides: every piece starts
+    at a multiple of k, so each rank's every k-th element is its piece of the result (gpt-oss's
+    interleaved gate_up, ``[..., ::2]`` and ``[..., 1::2]``, on a column split). Not the sequence
+    dim, whose pieces may be uneven or zig-zag."""
+    if node.target != aten.slice.Tensor or len(node.args) < 5:
+        return False
+    size = shape_of(node.args[0])[p.dim]
+    start, end, step = node.args[2:5]
+    pieces = ctx.world * split_factor(p)
+    if size == ctx.seq_len:
+        return False
+    return (isinstance(step, int) and step > 1 and isinstance(start, int) and 0 <= start < step
+            and isinstance(end, int) and end >= size and size % pieces == 0 and (size // pieces) % step == 0)
+
+
 def _keep_rows_rule(node, ctx, P):
     """Rows kept from a sequence-sharded tensor (``hidden[:, -1:]`` for ``logits_to_keep=1``):
 
@@ -250,9 +266,13 @@ def _keep_rows_rule(node, ctx, P):
                                                       elsewhere (``collectives.gather_rows``)
 
     so only k rows are ever communicated (one all_reduce of [B, k, H] before the lm_head), never
-    the whole sequence."""
+    the whole sequence. Rows picked along a dim the tensor is not split on are picked locally:
+
+        b: S(1) [E, 2I] -> b[expert_ids]: S(1) [T, 2I]          (gpt-oss's sliced expert biases)"""
     dim, x = kept_rows(node) or (None, node.args[0])
     p = P(x)
+    if dim is not None and is_shard(p) and p.dim == dim and _every_kth(node, p, ctx):
+        return Decision(p)
     if dim is not None and is_shard(p) and p.dim == dim and shape_of(node)[dim] != shape_of(x)[dim]:
         if split_factor(p) == 1:
             idx = node.args[1][dim] if node.target == aten.index.Tensor else None
@@ -260,6 +280,8 @@ def _keep_rows_rule(node, ctx, P):
         return Decision(Replicate(), {x: Replicate()})
     if node.target == aten.slice.Tensor:
         return _transparent_rule(node, ctx, P)
+    if dim is not None and is_shard(p) and p.dim != dim and is_replicate(P(node.args[1][dim])):
+        return Decision(p)            # rows picked along another dim (a sliced expert bias[expert_ids]): local
     if node.target == aten.index.Tensor and is_partial(p) and all(
             i is None or is_replicate(P(i)) for i in node.args[1]):
         return Decision(Partial())                                # picking rows of a partial sum is linear
@@ -322,6 +344,21 @@ def _pointwise_rule(node, ctx, P):
         if pl[x] != want:
             wants[x] = want
     return Decision(chosen, wants)
+
+
+def _add_in_place_rule(node, ctx, P):
+    """``x.add_(b)`` on a tensor nothing else reads (HF's grouped experts add their bias so, to the
+    matmul's fresh output): an add. On a pending sum, b joins it (rank 0 adds it), as a bias does:
+
+        add_(P, R) -> P  (b: R -> P)        otherwise as ``add``
+    """
+    x, b = node.args[:2]
+    if len(x.users) != 1:
+        raise ShardingError(node, f"an in-place add into '{x.name}', which other nodes read too",
+                            hint="seqpar places in-place adds only on a tensor read by nothing else")
+    if is_partial(P(x)) and isinstance(b, Node) and is_replicate(P(b)):
+        return Decision(Partial(), {b: Partial()})
+    return _pointwise_rule(node, ctx, P)
 
 
 def _partial_bias(node, ins, pl, out_shape):
@@ -746,6 +783,9 @@ def _attention_rule(node, ctx, P):
         wants = {x: split for x in (q, k, v) if P(x) != split}
         mask_split = split if mask is not None and shape_of(mask)[1] != 1 else Replicate()
     else:
+        if sdpa.pads_lse(node.target) and sdpa.lse_of(node) is not None:
+            raise ShardingError(node, "its logsumexp is read (attention sinks), and this kernel pads it, which a "
+                                      "split by query rows cannot follow", hint="use 'ulysses' or 'tp' for this model")
         split = Shard(2)
         wants = {x: want for x, want in ((q, split), (k, Replicate()), (v, Replicate())) if P(x) != want}
         mask_split = split if mask is not None and shape_of(mask)[2] != 1 else Replicate()
@@ -919,6 +959,7 @@ RULES: Dict[object, Callable] = {
     aten.index.Tensor: _keep_rows_rule,
     **{op: _attention_rule for op in ATTENTION_OPS},
     aten._to_copy.default: _pointwise_rule,
+    aten.add_.Tensor: _add_in_place_rule,
     aten.mm.default: _mm_rule,
     aten.bmm.default: _bmm_rule,
     aten._grouped_mm.default: _grouped_mm_rule,

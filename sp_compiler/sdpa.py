@@ -21,6 +21,9 @@ ones by name, left out where they equal their default):
     n = flash_cpu(q, k, v, 0.0, True, scale=s)                       (what ``with_causal(n)`` does)
 
     out, lse = call(b, target, q, k, v, causal=True, scale=s, rows=C)
+    lse_of(n)               the node that holds n's logsumexp as [B, H, Sq] (the end of what ``call``
+                            emits), None when nothing reads it
+    replace(n, out, lse)    n's output users read ``out``, its logsumexp's read ``lse``; n is erased
         r   = target(q, k, v, ..., is_causal=True, compute_log_sumexp=True where the op has it, scale=s)
         out = r[0]
         lse = r[i_logsumexp]  -> squeezed / sliced to [B, H, C] where the kernel returns another layout
@@ -43,7 +46,7 @@ aten = torch.ops.aten
 
 __all__ = [
     "OPS", "OUTPUT", "SdpaCall", "bind", "bind_args", "default_call", "to_args", "rebuild", "with_causal", "call",
-    "is_attention", "mask_arg", "lse_index",
+    "is_attention", "mask_arg", "lse_index", "lse_kernel", "lse_of", "pads_lse", "replace",
 ]
 
 OPS = frozenset({
@@ -59,6 +62,14 @@ OUTPUT = 0                                  # every attention op returns its out
 _MASK_NAMES = ("attn_mask", "attn_bias")
 _LSE_NAMES = ("logsumexp", "log_sumexp")
 _ALIASES = {"q": "query", "k": "key", "v": "value"}
+
+
+def lse_kernel(device: torch.device):
+    """The attention op that takes a mask and returns its logsumexp on ``device``'s type (for a rewrite
+    that needs the logsumexp: attention sinks)."""
+    if device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu.default
+    return aten._scaled_dot_product_efficient_attention.default
 
 
 def is_attention(node) -> bool:
@@ -250,11 +261,12 @@ def with_causal(node: Node) -> Node:
 @functools.lru_cache(maxsize=None)
 def _lse_layout(target):
     """(squeeze the last dim, slice the query dim) to bring the kernel's logsumexp to [B, H, Sq],
-    from one call of the op on fake tensors with Sq = 3."""
+    from one call of the op on fake tensors with Sq = 3 (outside any trace in progress)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
     i = lse_index(target)
-    with FakeTensorMode():
+    with disable_proxy_modes_tracing(), FakeTensorMode():          # asked while make_fx traces: not traced
         x = torch.empty(1, 1, 3, 8)
         args, kwargs = to_args(_with_lse(default_call(target, x, x, x)))
         lse = target(*args, **kwargs)[i]
@@ -263,6 +275,11 @@ def _lse_layout(target):
     if lse.dim() - squeeze != 3:
         raise NotImplementedError(f"{target}: logsumexp of shape {tuple(lse.shape)} for query [1, 1, 3, 8]")
     return squeeze, rows != 3
+
+
+def pads_lse(target) -> bool:
+    """Whether ``target`` pads its logsumexp past the query rows (efficient attention on CUDA)."""
+    return _lse_layout(target)[1]
 
 
 def _with_lse(c: SdpaCall) -> SdpaCall:
@@ -296,3 +313,41 @@ def call(b, target, q, k, v, causal: bool, scale=None, rows: Optional[int] = Non
             rows = val.shape[-2]
         lse = b(aten.slice.Tensor, lse, 2, 0, rows)
     return out, lse
+
+
+def lse_of(node: Node) -> Optional[Node]:
+    """The node that holds ``node``'s logsumexp as [B, H, Sq], the end of what ``call`` emits (the getitem,
+    squeezed and sliced as the kernel needs), or None when nothing reads the logsumexp."""
+    i = lse_index(node.target)
+    items = [u for u in node.users if u.target is operator.getitem and u.args[1] == i and u.users] \
+        if i is not None else []
+    if not items:
+        return None
+    (n,) = items
+    squeeze, padded = _lse_layout(node.target)
+    for needed, op in ((squeeze, aten.squeeze.dim), (padded, aten.slice.Tensor)):
+        if needed:
+            if len(n.users) != 1 or next(iter(n.users)).target != op:
+                raise ValueError(f"{node.name}: its logsumexp is read other than as [B, H, Sq] ({op} expected)")
+            n = next(iter(n.users))
+    return n
+
+
+def replace(node: Node, out: Node, lse: Optional[Node] = None) -> None:
+    """Point the readers of ``node``'s output at ``out`` and those of its logsumexp (``lse_of``) at ``lse``
+    ([B, H, Sq]); erase ``node`` and its getitems. ValueError when the logsumexp is read and ``lse`` is
+    None."""
+    held = lse_of(node)
+    if held is not None:
+        if lse is None:
+            raise ValueError(f"{node.name}: its logsumexp is read, and the rewrite makes none")
+        held.replace_all_uses_with(lse)
+        while held is not node:                   # back to the getitem: read by nothing now
+            prev = held.args[0]
+            node.graph.erase_node(held)
+            held = prev
+    for u in list(node.users):
+        if u.args[1] == OUTPUT:
+            u.replace_all_uses_with(out)
+        node.graph.erase_node(u)
+    node.graph.erase_node(node)

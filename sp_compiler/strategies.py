@@ -140,6 +140,7 @@ TP_PLAN = {
     "*.mlp.experts.gate_up_proj": TPRole("colwise", "mlp", blocks=2),
     "*.mlp.experts.up_proj": TPRole("colwise", "mlp"),                 # experts without a gate
     "*.mlp.experts.down_proj": TPRole("rowwise", "mlp"),
+    "*.mlp.experts.gate_up_proj_bias": TPRole("colwise", "mlp", blocks=2),   # gpt-oss: [E, 2I], with its weight
     # ... and the shared experts beside them (Qwen2-MoE: one, DeepSeek-V3: n_shared_experts fused in one)
     "*.mlp.shared_expert.gate_proj": TPRole("colwise", "mlp"),
     "*.mlp.shared_expert.up_proj": TPRole("colwise", "mlp"),

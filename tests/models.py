@@ -63,6 +63,11 @@ MOE_FAMILIES = {
                                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
                                              q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                                              num_key_value_heads=4)),
+    # attention sinks (eager attention only: transformers refuses SDPA for it), sliding and full layers,
+    # experts with biases and an interleaved gate/up
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                     sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                     attn_implementation="eager")),
 }
 
 #: Maximum sequence length every tiny model supports.
@@ -133,6 +138,7 @@ def build_config(
         name, moe = MOE_FAMILIES[family]
         cls = getattr(transformers, name)
         kwargs.update(moe, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        common.update({k: moe[k] for k in ("attn_implementation",) if k in moe})
         if not family.startswith("deepseek"):
             kwargs["head_dim"] = hidden // heads
     else:
@@ -146,7 +152,8 @@ _KNOWN = FAMILIES + tuple(MORE_FAMILIES) + tuple(MOE_FAMILIES)
 
 
 def build_model(family: str, *, seed: int = 0, **config_args: Any) -> nn.Module:
-    """Build a tiny ``family`` causal LM with random weights (fp32, eval mode, SDPA).
+    """Build a tiny ``family`` causal LM with random weights (fp32, eval mode, SDPA unless the config asks
+    for another attention: gpt-oss, or ``attn_implementation="eager"``).
 
     ``config_args`` go to :func:`build_config` (``layers``, ``heads``, ``kv_heads``, ``hidden``,
     ``vocab`` and any config override). The same arguments always give bit-identical weights,
@@ -157,8 +164,9 @@ def build_model(family: str, *, seed: int = 0, **config_args: Any) -> nn.Module:
     config = build_config(family, **config_args)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
-    if model.config._attn_implementation != "sdpa":  # pragma: no cover - guard against HF changes
-        raise RuntimeError(f"{family}: expected sdpa attention, got {model.config._attn_implementation!r}")
+    want = config_args.get("attn_implementation", MOE_FAMILIES.get(family, ("", {}))[1].get("attn_implementation", "sdpa"))
+    if model.config._attn_implementation != want:  # pragma: no cover - guard against HF changes
+        raise RuntimeError(f"{family}: expected {want} attention, got {model.config._attn_implementation!r}")
     return model
 
 

@@ -20,6 +20,8 @@ from sp_compiler import sdpa
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 NEG = -math.inf
+LOWEST = torch.finfo(torch.float32).min       # what HF's eager masks hide keys with: as good as -inf for a
+                                              # causal mask (every row sees its own key; the rest get weight 0)
 
 
 def _ij(S):
@@ -64,6 +66,7 @@ TRUE_CAUSAL = {
     "decreasing keys": lambda S: (S - _ij(S)[1]) >= (S - _ij(S)[0]),
     "sliced from a longer mask": lambda S: torch.where(_causal(2 * S), 0.0, NEG)[:S, :S],
     "sum of two additive masks": lambda S: torch.where(_causal(S), 0.0, NEG) + torch.where(_causal(S), 0.0, NEG),
+    "the dtype's lowest instead of -inf": lambda S: torch.where(_causal(S), 0.0, LOWEST),   # HF's eager masks
 }
 
 NEAR_CAUSAL = {
@@ -93,11 +96,11 @@ NEAR_CAUSAL = {
 
 def _truth(m: torch.Tensor, S: int) -> bool:
     """Is ``m`` (run for real) exactly the causal mask of SDPA: bool True / float 0 on and below the
-    diagonal, bool False / float -inf above, for every batch row?"""
+    diagonal, bool False / float -inf (or the lowest float) above, for every batch row?"""
     allowed = torch.ones(S, S, dtype=torch.bool).tril().expand(m.shape)
     if m.dtype == torch.bool:
         return bool((m == allowed).all())
-    return bool((m[allowed] == 0).all()) and bool((m[~allowed] == NEG).all())
+    return bool((m[allowed] == 0).all()) and bool((m[~allowed] <= LOWEST).all())
 
 
 def _graph(mask_fn, S, extra=()):

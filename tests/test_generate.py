@@ -1,7 +1,8 @@
 """``model.generate`` through seqpar, on gloo ranks, against the uncompiled model on one process.
 
     every strategy x (greedy, sampling), outputs="local"; "replicate"   world 2, Llama; a 4-rank subset
-    for two; GPT-2, an odd prompt length, a left-padded batch           world 2
+    for two; GPT-2, an odd prompt length, a left-padded batch,          world 2
+    Mistral with a sliding window (its cache: a slice of K, returned whole) under tp
     a follow-up prefill (a second turn on the cache of the first)       world 2
     the forms users write: model.compile, model.forward = torch.compile(...), torch.compile(model).generate
     one process (fake process group): a decode step's bytes at two prompt lengths, seqpar compiles per
@@ -34,7 +35,14 @@ pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
 #: name -> (family, batch, prompt length, padded)
 PROMPTS = {"llama-21": ("llama", 1, 21, False), "llama-19x2-padded": ("llama", 2, 19, True),
-           "gpt2-21": ("gpt2", 1, 21, False)}
+           "gpt2-21": ("gpt2", 1, 21, False), "mistral-window8-21": ("mistral", 1, 21, False)}
+#: prompt -> config overrides: a sliding window of 8 (HF keeps the last 7 rows: a slice of K, not a cache
+#: seqpar splits; it is returned whole, passes/kv_attention.whole_cache_outputs)
+CONFIGS = {"mistral-window8-21": dict(sliding_window=8)}
+
+
+def _model(prompt):
+    return build_model(PROMPTS[prompt][0], **MODEL, **CONFIGS.get(prompt, {}))
 
 #: world -> [(prompt, strategy, outputs)]; each case generates greedily, then samples (same compiled model).
 #: Every strategy with outputs="local" (each layout's decode: split-KV or TP on head-split caches); "replicate"
@@ -45,11 +53,12 @@ PROMPTS = {"llama-21": ("llama", 1, 21, False), "llama-19x2-padded": ("llama", 2
 _CI_PROMPT = {"vanilla_sp_zigzag": "llama-19x2-padded", "megatron_sp": "gpt2-21"}
 CASES = {
     2: full_or([(_CI_PROMPT.get(s, "llama-21"), s, "local") for s in STRATEGIES]
-               + [("llama-21", "ulysses", "replicate")],
+               + [("llama-21", "ulysses", "replicate"), ("mistral-window8-21", "tp", "local")],
                [("llama-21", s, "local") for s in STRATEGIES]
                + [("llama-21", s, "replicate") for s in ("ulysses", "tp")]
                + [("llama-19x2-padded", s, "local") for s in ("vanilla_sp_zigzag", "megatron_sp_tp")]
-               + [("gpt2-21", "megatron_sp", "local")]),
+               + [("gpt2-21", "megatron_sp", "local")]
+               + [("mistral-window8-21", s, "local") for s in ("tp", "vanilla_sp_zigzag")]),
     4: [("llama-19x2-padded", s, "local") for s in full_or((), ("vanilla_sp_zigzag", "tp"))],
 }                 # CI: a 4-rank zig-zag generation runs in test_short_calls
 
@@ -71,7 +80,7 @@ def _rank_body(world):
     out = {}
     for prompt, strategy, outputs in CASES[world]:
         torch._dynamo.reset()
-        model = build_model(PROMPTS[prompt][0], **MODEL)
+        model = _model(prompt)
         model.compile(backend="seqpar", options={"strategy": strategy, "lower": LOWER, "outputs": outputs})
         before = compile_count()
         greedy = _generate(model, prompt, False)
@@ -81,7 +90,7 @@ def _rank_body(world):
 
 
 def _reference(prompt, sample):
-    return _generate(build_model(PROMPTS[prompt][0], **MODEL), prompt, sample)
+    return _generate(_model(prompt), prompt, sample)
 
 
 @pytest.mark.parametrize(**world_cases(CASES))

@@ -38,7 +38,7 @@ ALL = tuple(STRATEGIES)
 TOL = dict(atol=1e-5, rtol=1e-5)
 B, S = 2, 13
 #: one MoE layer is enough for what the block does; DeepSeek-V3's first layer is dense, its second MoE
-LAYERS = {"deepseek_v3": 2, "deepseek_v2": 2}
+LAYERS = {"deepseek_v3": 2, "deepseek_v2": 2, "gpt_oss": 2}      # gpt-oss: a sliding and a full layer
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
@@ -71,9 +71,11 @@ def _transform(family, strategy, rank=0, world=2, **options):
     return gm, ctx, last_report()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("strategy", ALL)
 def test_an_moe_layer_moves_what_a_dense_layer_moves(strategy, family):
+    """gpt-oss too: its eager attention with sinks is one attention op (passes/eager_attention), split like
+    any other; its sliced experts add their biases in the pending sum."""
     _, _, report = _transform(family, strategy)
     for layer in ("model.layers.0", "model.layers.1"):
         kinds = Counter(r["kind"] for r in report if r["layer"] == layer)
@@ -127,6 +129,36 @@ def test_tp_layouts_slice_the_experts(strategy):
     assert placed[layer + "shared_expert.up_proj.weight"] == (Shard(0), (Ish // 2, H))
     assert placed[layer + "shared_expert.down_proj.weight"] == (Shard(1), (H, Ish // 2))
     assert layer + "gate.weight" not in placed and layer + "shared_expert_gate.weight" not in placed
+
+
+def test_tp_splits_gpt_oss_interleaved_experts_by_pairs():
+    """gpt-oss stores its experts [E, in, out] with gate and up interleaved, [g0, u0, g1, u1, ...], and
+    biases. Under tp rank 1 holds a contiguous half of gate_up's columns (S(2), not the packed S(2, sf=2):
+    whole (gate, up) pairs, features I/2..I-1, in the order of down's rows, S(1)) and the same half of its
+    bias; down's bias joins the pending sum (rank 0 adds it), so the layer moves what a dense one does.
+    (That these halves answer exactly: the gloo cases below. The packed split is exact too, but holds
+    gates I/4..I/2 and 3I/4..I on rank 1, which down's rows I/2..I do not match: the activations would
+    be reshuffled between the two matmuls, a collective inside the block.)"""
+    from sp_compiler.placements import Shard
+
+    _, ctx, report = _transform("gpt_oss", "tp", rank=1)
+    E, H, I = 4, 64, 48                                    # tests/models.py: experts, hidden, intermediate
+    placed = {ctx.input_fqns[i]: (p, tuple(ctx.local_inputs[i].shape)) for i, p in ctx.sliced.items()}
+    experts = "model.layers.0.mlp.experts."
+    assert placed[experts + "gate_up_proj"] == (Shard(2), (E, H, I))
+    assert placed[experts + "gate_up_proj_bias"] == (Shard(1), (E, I))
+    assert placed[experts + "down_proj"] == (Shard(1), (E, I // 2, H))
+    assert experts + "down_proj_bias" not in placed and "model.layers.0.mlp.router.weight" not in placed
+    assert Counter(r["kind"] for r in report if r["layer"] == "model.layers.0") == PER_LAYER["tp"]
+
+
+def test_expert_parallel_refuses_gpt_oss_experts():
+    """Expert parallelism runs a layer's experts as grouped_mm -> gate -> grouped_mm; gpt-oss adds biases
+    and clamps its interleaved gate in between: refused, naming the node and the fix, not computed wrong."""
+    from sp_compiler.errors import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match="drop options\\['expert_parallel'\\]"):
+        _transform("gpt_oss", "ulysses", expert_parallel=True)
 
 
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded and STRATEGIES[s].mlp_weights != "tp"])
@@ -230,7 +262,10 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 #: family -> the strategies CI's cut runs it under (--full: every strategy): MLA under a heads, a rows and
 #: the TP layout; the shared expert beside a TP attention; the others once, by heads or by rows
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
-                 "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",)}
+                 "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",),
+                 "gpt_oss": ("tp", "megatron_sp")}                # its attention: tests/test_eager_attention.py
+#: families expert parallelism runs (gpt-oss's experts are refused: test_expert_parallel_refuses_gpt_oss_experts)
+EP_FAMILIES = [f for f in MOE_FAMILIES if f != "gpt_oss"]
 
 #: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
@@ -238,13 +273,14 @@ CASES = {
     + [(f, s, "default") for f in MOE_FAMILIES if f != "mixtral" for s in full_or(CI_STRATEGIES[f], ALL)]
     + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
        ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate"),
-       ("deepseek_v3", "ulysses", "generate")]                   # ulysses moves MLA's latent
+       ("deepseek_v3", "ulysses", "generate"),                   # ulysses moves MLA's latent
+       ("gpt_oss", "megatron_sp_tp", "padded"), ("gpt_oss", "tp", "generate")]   # sliced experts, sinks
     # expert parallelism: rows to their experts' ranks and back (sequence layouts), or each rank its experts'
     # rows of every token (tp); a router that sends every token to rank 0's experts; a sampled generation
     + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),
        ("deepseek_v3", "vanilla_sp_zigzag", "ep:default"), ("qwen2_moe", "megatron_sp_tp", "ep:default"),
        ("qwen3_moe", "ulysses", "ep:sample")]
-    + full_or([], [(f, s, "ep:default") for f in MOE_FAMILIES for s in ALL]),
+    + full_or([], [(f, s, "ep:default") for f in EP_FAMILIES for s in ALL]),
     # 4 ranks, one expert each: every token to two ranks' experts; MLA and sliced experts at 4
     4: [("mixtral", "ulysses", "ep:skewed"), ("deepseek_v3", "megatron_sp", "default")]
     + full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default"),
@@ -317,26 +353,3 @@ def test_moe_matches_one_device(world, case):
             assert torch.equal(got, want), (rank, got, want)
         else:
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank}: {m}")
-
-
-def test_unrecognised_attention_runs_whole_and_says_so(caplog):
-    """gpt-oss's eager attention (sinks; transformers refuses SDPA for it) is no attention op seqpar
-    knows: under a sequence layout every rank gathers q, k, v and computes all the scores. Exact, but
-    not parallel, so the compile warns, naming the layers; the MLP is still sequence-split."""
-    import logging
-
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    from sp_compiler.testing import fake_process_group
-
-    torch.manual_seed(0)
-    config = GptOssConfig(hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, num_hidden_layers=2, vocab_size=128, num_local_experts=4,
-                          num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
-                          layer_types=["sliding_attention", "full_attention"])
-    model = GptOssForCausalLM(config).eval()
-    with fake_process_group(2, 0), torch.no_grad(), caplog.at_level(logging.WARNING, logger="seqpar"):
-        model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager"})
-        model(torch.zeros(1, 12, dtype=torch.long), use_cache=False)
-    warned = [r.getMessage() for r in caplog.records if "is not one seqpar recognises" in r.getMessage()]
-    assert len(warned) == 1 and "model.layers.0, model.layers.1" in warned[0], caplog.text

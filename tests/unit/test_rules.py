@@ -514,6 +514,11 @@ case("pointwise", "mul-P*2.0", aten.mul.Tensor, X(P), 2.0, out=P, wants={})
 case("pointwise", "div-P/R", aten.div.Tensor, X(P), T(pos(H)), out=P, wants={})
 _b = T(rn(H))
 case("pointwise", "add-P+bias", aten.add.Tensor, X(P), _b, out=P, wants={_b: P})
+_b = X(R)                                               # a bias picked per row: as large as the sum
+case("add_", "add_-P+R", aten.add_.Tensor, X(P), _b, out=P, wants={_b: P})
+case("add_", "add_-S1+S1", aten.add_.Tensor, X(S(1)), X(S(1)), out=S(1), wants={})
+_b = X(R)
+case("add_", "add_-S2+R", aten.add_.Tensor, X(S(2)), _b, out=S(2), wants={_b: S(2)})
 _b = T(rn(1, SEQ, H))
 case("pointwise", "add-bias[1,S,H]+P", aten.add.Tensor, _b, X(P), out=P, wants={_b: P})
 case("pointwise", "neg-P", aten.neg.default, X(P), out=P, wants={})
@@ -631,7 +636,15 @@ _x = X(S(0, 2), B * SEQ, H)
 case("keep_rows", "slice-S0sf2", aten.slice.Tensor, _x, 0, -1, BIG, out=R, wants={_x: R})
 _x = X(S(1))
 case("keep_rows", "index-other-dim-S1", aten.index.Tensor, _x, [None, None, T(torch.tensor([1, 4]))],
-     out=R, wants={_x: R})
+     out=S(1), wants={})
+_x = X(S(1), 5, 12)                                     # a sliced expert bias [E, 2I], picked per routed row
+case("keep_rows", "index-rows-of-S1", aten.index.Tensor, _x, [T(torch.tensor([3, 0, 3, 1]))], out=S(1), wants={})
+# every 2nd column of a column split whose pieces are even (gpt-oss's interleaved [g0, u0, g1, u1, ...])
+case("keep_rows", "slice-every-2nd-S2", aten.slice.Tensor, X(S(2), B, SEQ, 12), 2, 1, BIG, 2, out=S(2), wants={})
+case("keep_rows", "slice-every-2nd-S2sf2", aten.slice.Tensor, X(S(2, 2), B, SEQ, 24), 2, 0, BIG, 2, out=S(2, 2),
+     wants={})
+case("keep_rows", "slice-every-2nd-S2-odd-pieces", aten.slice.Tensor, X(S(2), B, SEQ, 9), 2, 0, BIG, 2,
+     worlds=(3,), out=P, wants={})                     # pieces of 3: as any other kept rows
 case("keep_rows", "index-R", aten.index.Tensor, X(R), [None, T(torch.tensor([1, 4]))], out=R, wants={})
 _i = T(torch.tensor([6, 0, 3, 1]), S(0))
 case("keep_rows", "index-S1-by-sharded-index", aten.index.Tensor, X(S(1)), [None, _i])
