@@ -27,7 +27,7 @@ import fnmatch
 
 import torch
 
-from sp_compiler.checkpoint import is_stand_in, open_checkpoint, stand_in_names
+from sp_compiler.checkpoint import from_checkpoint, is_stand_in, open_checkpoint, stand_in_names
 from sp_compiler.context import PLACEMENT
 from sp_compiler.errors import InputError, ShapeConstraintError, module_path
 from sp_compiler.placements import RankLocal, Replicate, Shard, is_shard, make_shard, shard_tensor
@@ -160,7 +160,8 @@ def _piece(ctx, i, p):
                              f"options['checkpoint'] = the safetensors directory to read the weights from")
         return open_checkpoint(checkpoint).read(stand_in_names(full, fqn), ctx.example_inputs[i], p, ctx.world,
                                                 ctx.rank, widen=ctx.widen.get(i))
-    if checkpoint is not None and fqn is not None and fqn in open_checkpoint(checkpoint).files:
+    if checkpoint is not None and fqn is not None and fqn in open_checkpoint(checkpoint).files \
+            and not from_checkpoint(full):
         raise InputError(f"parameter {fqn!r} holds real values and options['checkpoint'] = {checkpoint!r} holds it "
                          f"too: seqpar will not guess which wins. Fix: build the model with "
                          f"accelerate.init_empty_weights() and sp_compiler.stand_ins(model) (or call "

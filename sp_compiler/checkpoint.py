@@ -15,6 +15,16 @@ the uncompiled model would return NaN. Pieces are cached per checkpoint, so the 
 graphs and every prompt-length bucket share one copy of each.
 
 ``sp_compiler.from_pretrained`` (``sp_compiler/loading.py``) does all three steps in one call.
+
+Checkpoints that transformers converts when it loads (its ``conversion_mapping`` for the config's
+``model_type``: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, ... store one tensor per expert, and the model
+holds them fused) are read through that same mapping, never built whole:
+
+    experts.{0..E-1}.w1.weight [I, H], .w3.weight [I, H]   MergeModulelist(0), Concatenate(1)
+      -> mlp.experts.gate_up_proj [E, 2I, H]                (``_Fused``: a rank's piece is cut from each
+                                                             expert's tensor it touches, S(1, sf=2): its
+                                                             rows of w1 and of w3; S(0): its experts)
+    block_sparse_moe.gate.weight -> mlp.gate.weight         (renamings)
 """
 from __future__ import annotations
 
@@ -30,7 +40,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import CheckpointError
 from .placements import fmt, is_shard, shard_tensor
 
-__all__ = ["Checkpoint", "open_checkpoint", "stand_ins", "is_stand_in", "stand_in_names", "INDEX", "SINGLE"]
+__all__ = ["Checkpoint", "open_checkpoint", "stand_ins", "is_stand_in", "stand_in_names", "load_buffers", "from_checkpoint",
+           "INDEX", "SINGLE"]
 
 INDEX = "model.safetensors.index.json"      # shards and their weight_map, as save_pretrained writes them
 SINGLE = "model.safetensors"
@@ -39,6 +50,8 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 #: stand-in -> every name the model gives it (tied weights have several)
 _NAMES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: buffers ``load_buffers`` filled from a checkpoint (real values the checkpoint holds too, by design)
+_LOADED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def stand_ins(model: torch.nn.Module, device: Optional[torch.device] = None) -> torch.nn.Module:
@@ -71,6 +84,24 @@ def stand_ins(model: torch.nn.Module, device: Optional[torch.device] = None) -> 
     return model
 
 
+def load_buffers(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Fill the model's buffers that checkpoint ``path`` holds (persistent ones, e.g. DeepSeek-V3's
+    ``e_score_correction_bias``) from it, in place, as transformers' loading does; they are small and
+    read whole. The rest (RoPE's) keep the values the model made."""
+    ck = open_checkpoint(path)
+    for name, buf in model.named_buffers():
+        if name in ck.files or name in ck.renamed:
+            with torch.no_grad():
+                buf.copy_(ck.read([name], buf))
+            _LOADED[buf] = True
+    return model
+
+
+def from_checkpoint(t) -> bool:
+    """Whether ``t`` is a buffer ``load_buffers`` filled from the checkpoint."""
+    return isinstance(t, torch.Tensor) and t in _LOADED
+
+
 def is_stand_in(t) -> bool:
     """Made by ``stand_ins``, or a tensor with less storage than elements (an expanded single value)."""
     return isinstance(t, torch.Tensor) and (t in _NAMES or t.untyped_storage().nbytes() < t.numel() * t.element_size())
@@ -96,6 +127,7 @@ class Checkpoint:
         else:
             raise CheckpointError(f"checkpoint {path!r} holds neither {SINGLE} nor {INDEX}. Fix: point "
                                   f"options['checkpoint'] at a directory written by model.save_pretrained(dir)")
+        self.renamed, self.fused = _conversions(path, self.files)     # model name -> checkpoint name / _Fused
         self._pieces: Dict[tuple, torch.Tensor] = {}
 
     @staticmethod
@@ -110,15 +142,15 @@ class Checkpoint:
         shape is checked, its dtype and device are the piece's). ``placement`` None or Replicate: the whole
         tensor. ``widen``: a function the whole tensor goes through before it is cut (KV heads shared
         between ranks, ``passes/share_kv_heads``), so it is read whole."""
-        name = next((n for n in names if n in self.files), None)
+        name = next((n for n in names if n in self.files or n in self.renamed or n in self.fused), None)
         if name is None:
             converted = any(_PER_EXPERT.search(n) for n in self.files)
             raise CheckpointError(
                 f"tensor {names[0]!r} is not in checkpoint {self.path!r} ({len(self.files)} tensors, e.g. "
                 f"{sorted(self.files)[:3]}). " + (
-                    "Its experts are stored one tensor per expert, which transformers fuses when it loads "
-                    "(its checkpoint conversion); seqpar reads tensors by name and does not convert yet. Fix: "
-                    "load this model with AutoModelForCausalLM.from_pretrained and compile it"
+                    "Its experts are stored one tensor per expert, and transformers' conversion mapping for "
+                    "this model type (config.json) does not make it. Fix: load this model with "
+                    "AutoModelForCausalLM.from_pretrained and compile it"
                     if converted else
                     "Fix: save the checkpoint from the same model class and config (model.save_pretrained)"))
         key = (name, fmt(placement) if is_shard(placement) else "R", world, rank, like.dtype, like.device,
@@ -128,10 +160,15 @@ class Checkpoint:
         return self._pieces[key]
 
     def _read(self, name, like, placement, world, rank, widen):
-        file = self.files[name]
         cut = is_shard(placement) or widen is not None
-        sl = (_open_once(file) if cut else self._open(file)).get_slice(name)
-        shape, where = tuple(sl.get_shape()), f"tensor {name!r} in {file!r}"
+        if name in self.fused:
+            sl, where = self.fused[name], f"tensor {name!r} (fused from {self.fused[name].count} tensors)"
+        else:
+            stored = self.renamed.get(name, name)
+            file = self.files[stored]
+            sl = (_open_once(file) if cut else self._open(file)).get_slice(stored)
+            where = f"tensor {stored!r} in {file!r}"
+        shape = tuple(sl.get_shape())
         want = tuple(like.shape) if widen is None else None
         if want is not None and shape != want:
             raise CheckpointError(f"{where} has shape {list(shape)}, the model wants {list(want)}. Fix: build the "
@@ -145,6 +182,90 @@ class Checkpoint:
             return shard_tensor(whole, placement, world, rank).to(device=like.device)
         piece = shard_tensor(sl, placement, world, rank) if is_shard(placement) else sl[:]
         return piece.to(dtype=like.dtype, device=like.device).contiguous()
+
+
+class _Fused:
+    """A tensor the model holds fused and the checkpoint stores in parts: the stack over experts (dim 0)
+    of each source's tensors, concatenated over the sources (``cat_dim``). Indexed like a safetensors
+    slice (``get_shape``, ``get_dtype``, ``[slices]``): a piece reads only the rows it needs of the
+    experts it holds."""
+
+    def __init__(self, parts, cat_dim, files):
+        self.parts, self.cat_dim, self.files = parts, cat_dim, files          # parts[source][expert]: a name
+        self.count = sum(len(p) for p in parts)
+        first = [self._slice(p[0]) for p in parts]
+        one = list(first[0].get_shape())
+        self.sizes = [sl.get_shape()[cat_dim - 1] for sl in first] if cat_dim else [None]
+        if cat_dim:
+            one[cat_dim - 1] = sum(self.sizes)
+        self.shape, self.dtype = [len(parts[0])] + one, first[0].get_dtype()
+
+    def _slice(self, name):
+        return _open_once(self.files[name]).get_slice(name)
+
+    def get_shape(self):
+        return self.shape
+
+    def get_dtype(self):
+        return self.dtype
+
+    def __getitem__(self, idx):
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = list(idx) + [slice(None)] * (len(self.shape) - len(idx))
+        experts = range(self.shape[0])[idx[0]]
+        pieces, at = [], 0
+        for names, size in zip(self.parts, self.sizes):
+            inner = list(idx[1:])
+            if self.cat_dim:                                 # this source's share of the concatenated dim
+                start, stop, _ = idx[self.cat_dim].indices(self.shape[self.cat_dim])
+                lo, hi = max(start, at) - at, min(stop, at + size) - at
+                at += size
+                if hi <= lo:
+                    continue
+                inner[self.cat_dim - 1] = slice(lo, hi)
+            pieces.append(torch.stack([self._slice(names[e])[tuple(inner)] for e in experts]))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.cat_dim)
+
+
+def _conversions(path: str, files: Dict[str, str]):
+    """(model name -> checkpoint name, model name -> _Fused) from transformers' conversion mapping of the
+    checkpoint's model type (its config.json): the renamings, and the converters made of the operations
+    seqpar reads in parts (MergeModulelist over experts, then Concatenate of the sources)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return {}, {}
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
+                                                 rename_source_key)
+
+    with open(config) as f:
+        transforms = get_checkpoint_conversion_mapping(json.load(f).get("model_type")) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamed, parts = {}, {}
+    for name in files:
+        target, pattern = rename_source_key(name, renamings, converters)
+        if pattern is None:
+            if target != name:
+                renamed[target] = name
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        expert = re.search(r"\.(\d+)\.", name[name.rfind(".experts."):] if ".experts." in name else name)
+        parts.setdefault(target, (conv, {}))[1].setdefault(conv.source_patterns.index(pattern), {})[
+            int(expert.group(1)) if expert else 0] = name
+    fused = {}
+    for target, (conv, by_source) in parts.items():
+        ops = [type(op).__name__ + f"(dim={op.dim})" for op in conv.operations]
+        merge = [op for op in conv.operations if isinstance(op, MergeModulelist)]
+        cat = [op for op in conv.operations if isinstance(op, Concatenate)]
+        if len(conv.operations) != len(merge) + len(cat) or [op.dim for op in merge] != [0] or len(cat) > 1:
+            raise CheckpointError(f"tensor {target!r} is made on load by {', '.join(ops)}; seqpar reads a fused "
+                                  f"tensor only as MergeModulelist(dim=0) then Concatenate. Fix: load this model "
+                                  f"with AutoModelForCausalLM.from_pretrained and compile it")
+        experts = [by_source[i] for i in sorted(by_source)]
+        names = [[e[k] for k in sorted(e)] for e in experts]
+        fused[target] = _Fused(names, cat[0].dim if cat else None, files)
+    return renamed, fused
 
 
 def _open_once(file: str):

@@ -4,6 +4,7 @@
     with accelerate.init_empty_weights():                 # no weights in memory
         model = AutoModelForCausalLM.from_config(config, dtype=...)
     stand_ins(model)                                      # traceable stand-ins (sp_compiler.checkpoint)
+    load_buffers(model, dir)                              # persistent buffers the checkpoint holds
     model.compile(backend="seqpar", options={**options, "checkpoint": dir})
 
 Nothing is read until the first call compiles: then each rank reads its pieces (``passes/annotate``).
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import stand_ins
+from .checkpoint import load_buffers, stand_ins
 from .config import Options
 
 __all__ = ["from_pretrained", "empty_model"]
@@ -33,7 +34,7 @@ def empty_model(path: str, dtype: Optional[torch.dtype] = None, device="cpu") ->
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(path)
-    return stand_ins(model, device).eval()
+    return load_buffers(stand_ins(model, device), path).eval()
 
 
 def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, device="cpu", **options) -> torch.nn.Module:

@@ -6,7 +6,9 @@
     gloo, 2 ranks        from_pretrained(dir) under every strategy: HF's default call equals
                          AutoModelForCausalLM.from_pretrained(dir) on one process, and so does a greedy
                          generation under megatron_sp_tp (--full: every strategy); a sharded checkpoint
-                         (index + several files) for tp, with a sampled generation
+                         (index + several files) for tp, with a sampled generation; Mixtral and
+                         DeepSeek-V3 checkpoints as transformers writes them (one tensor per expert,
+                         fused on load through transformers' conversion mapping)
 """
 from __future__ import annotations
 
@@ -38,13 +40,13 @@ def _save(path, family="llama", shard_size=None, **kw):
     return model
 
 
-def _compile_once(path, strategy, **options):
+def _compile_once(path, strategy, family="llama", **options):
     """from_pretrained on the fake group, one call; -> (model, the compile's context)."""
     import sp_compiler.backend as backend
 
     model = from_pretrained(str(path), strategy=strategy, lower="eager", check_ranks=False, **options)
     with torch.no_grad():
-        model(make_inputs("llama", 1, 9))
+        model(make_inputs(family, 1, 9))
     return model, backend.last_graph()[1]
 
 
@@ -117,19 +119,37 @@ def test_a_bad_checkpoint_names_the_tensor_and_the_file(case, words, tmp_path, f
         assert w in str(err), (w, str(err))
 
 
-def test_a_checkpoint_transformers_converts_on_load_is_named(tmp_path, fake_pg):
-    """Mixtral's checkpoint as transformers writes it keeps one tensor per expert, which transformers
-    fuses into the model's [E, 2I, H] parameters when it loads; seqpar does not convert yet, and says so
-    (never a silent answer)."""
+@pytest.mark.parametrize("strategy, options", [("tp", {}), ("ulysses", {"expert_parallel": True})])
+def test_a_checkpoint_transformers_converts_on_load_is_read_in_pieces(strategy, options, tmp_path, fake_pg):
+    """Mixtral's checkpoint as transformers writes it keeps one tensor per expert (experts.3.w1.weight, ...)
+    under the old module names (block_sparse_moe), which transformers renames and fuses when it loads
+    (its conversion mapping). seqpar reads through the same mapping: rank r's pieces of the fused
+    gate_up [E, 2I, H] (tp: its rows of every expert's w1 and w3; expert parallelism: its experts) and of
+    down, put together, are the parameters AutoModelForCausalLM.from_pretrained makes."""
+    from transformers import AutoModelForCausalLM
+
+    from sp_compiler.placements import shard_tensor
+
     build_model("mixtral", layers=1).save_pretrained(tmp_path / "ck")
-    fake_pg(2, 0)
-    with pytest.raises(Exception) as info:
-        model = from_pretrained(str(tmp_path / "ck"), strategy="ulysses", lower="eager", check_ranks=False)
-        with torch.no_grad():
-            model(make_inputs("mixtral", 1, 9))
-    err = seqpar_error(info.value)
-    assert isinstance(err, CheckpointError), repr(info.value)
-    assert "one tensor per expert" in str(err) and "AutoModelForCausalLM.from_pretrained" in str(err), str(err)
+    stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in stored and not [
+        k for k in stored if k.endswith("gate_up_proj")], sorted(stored)[:8]
+    want = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "ck").named_parameters())
+    pieces = {}
+    for rank in range(2):
+        fake_pg(2, rank)
+        _, ctx = _compile_once(tmp_path / "ck", strategy, family="mixtral", **options)
+        for i, x in ctx.local_inputs.items():
+            pieces.setdefault(ctx.input_fqns[i], []).append((x.clone(), ctx.sliced.get(i)))
+        torch.distributed.destroy_process_group()
+        torch._dynamo.reset()
+    assert set(pieces) == set(want)
+    experts = [n for n in pieces if ".experts." in n]
+    assert len(experts) == 2 and all(pieces[n][0][1] is not None for n in experts), experts
+    for name, ranks in pieces.items():
+        for rank, (piece, p) in enumerate(ranks):
+            full = want[name].detach()
+            assert torch.equal(piece, full if p is None else shard_tensor(full, p, 2, rank)), (name, rank)
 
 
 def test_real_weights_and_a_checkpoint_are_refused(tmp_path, fake_pg):
@@ -245,6 +265,46 @@ def test_from_pretrained_matches_one_device(tmp_path_factory):
             want = want_sampled if name == "tp-sharded" else want_tokens      # sampling, or greedy
             assert (tokens is None) == (name not in GENERATE and name != "tp-sharded"), (rank, name)
             assert tokens is None or torch.equal(tokens, want), (rank, name, tokens, want)
+
+
+#: mixture-of-experts checkpoints as transformers writes them (one tensor per expert, fused on load): the
+#: sliced experts with a greedy generation; expert parallelism with DeepSeek-V3's persistent buffer
+#: (e_score_correction_bias: the checkpoint's, read whole by load_buffers)
+MOE_CASES = [("mixtral", "tp", {}), ("deepseek_v3", "ulysses", {"expert_parallel": True})]
+
+
+def _moe_rank_body(root):
+    out = {}
+    for family, strategy, options in MOE_CASES:
+        torch._dynamo.reset()
+        model = from_pretrained(os.path.join(root, family), strategy=strategy, lower="eager", **options)
+        with torch.no_grad():
+            out[family] = (model(make_inputs(family, 2, 13)).logits,
+                           model.generate(make_inputs(family, 1, 11), max_new_tokens=4, do_sample=False))
+    return out
+
+
+@pytest.mark.parametrize("family", [f for f, _, _ in MOE_CASES])
+def test_moe_from_pretrained_matches_one_device(family, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.getbasetemp() / "ck-moe"
+    if not root.exists():
+        for f, _, _ in MOE_CASES:
+            model = build_model(f, layers=2)
+            if f == "deepseek_v3":                 # a bias that changes the routing, so reading it matters
+                for layer in model.model.layers[1:]:
+                    layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-1, 1, 4))
+            model.save_pretrained(root / f)
+    results = cached_run(("checkpoint-moe",), run_ranks, _moe_rank_body, 2, str(root), timeout=900)
+    ref = AutoModelForCausalLM.from_pretrained(root / family)
+    with torch.no_grad():
+        want = (ref(make_inputs(family, 2, 13)).logits,
+                ref.generate(make_inputs(family, 1, 11), max_new_tokens=4, do_sample=False))
+    for rank, res in enumerate(results):
+        logits, tokens = res[family]
+        torch.testing.assert_close(logits, want[0], **TOL, msg=lambda m: f"rank {rank}: {m}")
+        assert torch.equal(tokens, want[1]), (rank, tokens, want[1])
 
 
 def _one_rank_broken(good, broken):
