@@ -39,7 +39,7 @@ aten = torch.ops.aten
 
 #: the fused experts' weights (HF's Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3), split by expert under
 #: ``options["expert_parallel"]``
-EXPERTS = "*.mlp.experts.*_proj"
+EXPERTS = ("*.mlp.experts.*_proj", "*.mlp.experts.*_proj_bias")
 
 #: how a heads layout slices MLA's kv_b_proj where the latent is moved (passes/latent): by output features
 BY_HEADS = TPRole("colwise", "attn")
@@ -75,7 +75,7 @@ def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
 def _placement(node, fqn, ctx):
     if fqn is None or not isinstance(node.meta.get("val"), torch.Tensor):
         return Replicate()
-    if ctx.options.expert_parallel and fnmatch.fnmatchcase(fqn, EXPERTS):
+    if ctx.options.expert_parallel and any(fnmatch.fnmatchcase(fqn, e) for e in EXPERTS):
         return _by_expert(node, fqn, ctx)
     role = param_role(fqn)
     if role is None or ctx.strategy_at(layer_path(fqn)).weights(role.block) != "tp":

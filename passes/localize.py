@@ -110,7 +110,7 @@ def _experts_local(node, ctx):
     """Expert parallelism on each rank's own tokens: the routed rows travel to their experts' ranks and
     back inside ``seqpar::moe_experts``. Reported as two all_to_all of the routed rows [B*L*k, H] (L: the
     most rows a rank holds, so every rank reports the same), each row once each way."""
-    node.args = (*node.args[:7], "local")
+    node.args = (*node.args[:7], "local", *node.args[8:])
     val = node.meta["val"]
     rows = val.shape[0] // ctx.seq_len * max(ctx.layout(ctx.seq_len).local_size(r) for r in range(ctx.world))
     for what in ("experts: routed rows to their experts' ranks", "experts: their outputs back"):

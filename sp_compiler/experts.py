@@ -2,10 +2,13 @@
 with each rank holding E/N of them.
 
 HF's experts run as two grouped matmuls over the routed rows sorted by expert (``offs``: cumulative rows
-per expert), an activation between:
+per expert), an activation between (and biases, gpt-oss):
 
-    h = grouped_mm(x, w_in, offs)                 x [M, H] -> [M, 2I]  (gate | up)
-    y = grouped_mm(act(gate) * up, w_out, offs)   -> [M, H]
+    h = grouped_mm(x, w_in, offs) (+ b_in[expert])        x [M, H] -> [M, 2I]  (gate | up)
+    y = grouped_mm(act(gate) * up, w_out, offs) (+ b_out[expert])   -> [M, H]
+
+What sits between may be any row-wise function of h (gpt-oss's clamped GLU on interleaved columns):
+``passes/expert_parallel`` lifts it out of the graph (``register_gate``) and the op applies it per block.
 
 ``passes/expert_parallel`` replaces that pair with one call of this op, whose weights are this rank's
 experts only (``w_in`` [E/N, H, 2I], ``w_out`` [E/N, I, H]; rank r holds experts r*E/N .. (r+1)*E/N - 1).
@@ -27,12 +30,25 @@ capacity, no dropping), never wrong.
 """
 from __future__ import annotations
 
-from typing import List
+import hashlib
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["moe_experts", "MOE_EXPERTS", "expert_ffn", "op_by_name", "TOKENS"]
+__all__ = ["moe_experts", "MOE_EXPERTS", "expert_ffn", "op_by_name", "register_gate", "GATES", "TOKENS"]
+
+#: what experts compute between their two matmuls when it is not act(gate) * up, lifted out of the graph by
+#: ``passes/expert_parallel`` (gpt-oss: a clamped GLU on interleaved gate/up columns): row-wise functions
+#: [rows, 2I] -> [rows, I], by a key made from their code (the same in every process: part of the graph)
+GATES: Dict[str, Callable] = {}
+
+
+def register_gate(gm: torch.fx.GraphModule) -> str:
+    """Keep ``gm`` (one input, one output, row-wise) for ``moe_experts(..., gate=key)``; returns the key."""
+    key = "gate-" + hashlib.sha1(gm.code.encode()).hexdigest()[:16]
+    GATES.setdefault(key, gm)
+    return key
 
 #: where the routed rows are: each rank its own, or every row on every rank
 TOKENS = ("local", "all")
@@ -45,28 +61,34 @@ def op_by_name(name: str):
 
 
 def expert_ffn(x: torch.Tensor, counts: List[int], w_in: torch.Tensor, w_out: torch.Tensor, act: str,
-               gated: bool) -> torch.Tensor:
-    """Rows of ``x`` sorted by expert, ``counts[e]`` of them for expert e of ``w_in`` / ``w_out``: each block
-    through its expert, as HF's grouped matmul computes it (one mm per expert)."""
-    f = op_by_name(act)
+               gated: bool, b_in: Optional[torch.Tensor] = None, b_out: Optional[torch.Tensor] = None,
+               gate: str = "") -> torch.Tensor:
+    """Rows of ``x`` sorted by expert, ``counts[e]`` of them for expert e of ``w_in`` / ``w_out`` (and their
+    biases): each block through its expert, as HF's grouped matmul computes it (one mm per expert), the
+    bias added after it. Between the matmuls: ``GATES[gate]``, or act(gate) * up (``gated``), or act."""
+    f = GATES[gate] if gate else op_by_name(act)
     out = x.new_empty(x.shape[0], w_out.shape[-1])
     start = 0
     for e, n in enumerate(counts):
         if n:
             h = x[start:start + n] @ w_in[e]
-            if gated:
-                gate, up = h.chunk(2, dim=-1)
-                h = f(gate) * up
+            if b_in is not None:
+                h = h + b_in[e]
+            if gated and not gate:
+                g, up = h.chunk(2, dim=-1)
+                h = f(g) * up
             else:
                 h = f(h)
-            out[start:start + n] = h @ w_out[e]
+            y = h @ w_out[e]
+            out[start:start + n] = y + b_out[e] if b_out is not None else y
             start += n
     return out
 
 
 @torch.library.custom_op("seqpar::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, act: str,
-                gated: bool, group_name: str, tokens: str) -> torch.Tensor:
+                gated: bool, group_name: str, tokens: str, b_in: Optional[torch.Tensor] = None,
+                b_out: Optional[torch.Tensor] = None, gate: str = "") -> torch.Tensor:
     if tokens not in TOKENS:
         raise ValueError(f"seqpar::moe_experts: tokens={tokens!r}, not one of {TOKENS}")
     local = w_in.shape[0]                                               # experts on this rank
@@ -77,7 +99,7 @@ def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: 
         mine = counts[rank * local:(rank + 1) * local]                  # rows of this rank's experts
         lo, n = int(counts[:rank * local].sum()), int(mine.sum())
         out = x.new_zeros(x.shape[0], w_out.shape[-1])
-        out[lo:lo + n] = expert_ffn(x[lo:lo + n], mine.tolist(), w_in, w_out, act, gated)
+        out[lo:lo + n] = expert_ffn(x[lo:lo + n], mine.tolist(), w_in, w_out, act, gated, b_in, b_out, gate)
         return out
     send = counts.view(world, local)                                    # [to rank, its expert]
     recv = torch.empty_like(send)
@@ -88,14 +110,14 @@ def moe_experts(x: torch.Tensor, offs: torch.Tensor, w_in: torch.Tensor, w_out: 
     expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv.flatten())   # of each row
     order = torch.argsort(expert, stable=True)
     y = x.new_empty(got.shape[0], w_out.shape[-1])
-    y[order] = expert_ffn(got[order], recv.sum(0).tolist(), w_in, w_out, act, gated)
+    y[order] = expert_ffn(got[order], recv.sum(0).tolist(), w_in, w_out, act, gated, b_in, b_out, gate)
     back = x.new_empty(x.shape[0], w_out.shape[-1])
     dist.all_to_all_single(back, y, send_rows, recv_rows, group=group)
     return back
 
 
 @moe_experts.register_fake
-def _(x, offs, w_in, w_out, act, gated, group_name, tokens):
+def _(x, offs, w_in, w_out, act, gated, group_name, tokens, b_in=None, b_out=None, gate=""):
     return x.new_empty(x.shape[0], w_out.shape[-1])
 
 

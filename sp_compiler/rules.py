@@ -497,7 +497,8 @@ def _moe_experts_rule(node, ctx, P):
         x R,  w S(0)                       -> Partial          each rank its experts' rows, zeros elsewhere
     """
     x, offs, w_in, w_out = node.args[:4]
-    wants = {w: Shard(0) for w in (w_in, w_out) if P(w) != Shard(0)}
+    biases = [b for b in node.args[8:10] if isinstance(b, Node)]                    # b_in, b_out [E, ...]
+    wants = {w: Shard(0) for w in (w_in, w_out, *biases) if P(w) != Shard(0)}
     px = P(x)
     if is_replicate(px):
         return Decision(Partial(), {**wants, **({offs: Replicate()} if not is_replicate(P(offs)) else {})})

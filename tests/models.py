@@ -164,6 +164,11 @@ def build_model(family: str, *, seed: int = 0, **config_args: Any) -> nn.Module:
     config = build_config(family, **config_args)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    if family == "gpt_oss":       # HF zeroes the experts' biases and draws small sinks: larger ones, so that
+        with torch.no_grad():     # where (and whether) each is added shows in the logits
+            for name, p in model.named_parameters():
+                if name.endswith(("_bias", "sinks")):
+                    p.normal_(0.0, 0.5)
     want = config_args.get("attn_implementation", MOE_FAMILIES.get(family, ("", {}))[1].get("attn_implementation", "sdpa"))
     if model.config._attn_implementation != want:  # pragma: no cover - guard against HF changes
         raise RuntimeError(f"{family}: expected {want} attention, got {model.config._attn_implementation!r}")

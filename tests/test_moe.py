@@ -152,13 +152,27 @@ def test_tp_splits_gpt_oss_interleaved_experts_by_pairs():
     assert Counter(r["kind"] for r in report if r["layer"] == "model.layers.0") == PER_LAYER["tp"]
 
 
-def test_expert_parallel_refuses_gpt_oss_experts():
-    """Expert parallelism runs a layer's experts as grouped_mm -> gate -> grouped_mm; gpt-oss adds biases
-    and clamps its interleaved gate in between: refused, naming the node and the fix, not computed wrong."""
-    from sp_compiler.errors import UnsupportedOpError
+@pytest.mark.parametrize("strategy", ["ulysses", "tp"])
+def test_expert_parallel_takes_gpt_oss_experts(strategy):
+    """gpt-oss's experts add biases and run a clamped GLU on interleaved gate/up columns between their
+    matmuls: each layer's experts are still one seqpar::moe_experts call, rank 1 holding experts 2 and 3
+    with their biases (S(0)), the gate lifted out of the graph as a function of its own
+    (``experts.GATES``), and the exchange is what it is for any MoE layer."""
+    from sp_compiler.experts import GATES
+    from sp_compiler.placements import Shard
 
-    with pytest.raises(UnsupportedOpError, match="drop options\\['expert_parallel'\\]"):
-        _transform("gpt_oss", "ulysses", expert_parallel=True)
+    gm, ctx, report = _transform("gpt_oss", strategy, rank=1, expert_parallel=True)
+    E, H, I = 4, 64, 48
+    placed = {ctx.input_fqns[i]: (p, tuple(ctx.local_inputs[i].shape)) for i, p in ctx.sliced.items()}
+    experts = "model.layers.0.mlp.experts."
+    assert placed[experts + "gate_up_proj"] == (Shard(0), (E // 2, H, 2 * I))
+    assert placed[experts + "gate_up_proj_bias"] == (Shard(0), (E // 2, 2 * I))
+    assert placed[experts + "down_proj_bias"] == (Shard(0), (E // 2, H))
+    calls = [n for n in gm.graph.nodes if "moe_experts" in str(n.target)]
+    assert len(calls) == 2 and not [n for n in gm.graph.nodes if "grouped_mm" in str(n.target)]
+    assert all(n.args[8] is not None and n.args[9] is not None and n.args[10] in GATES for n in calls)
+    rows = [r for r in report if r["layer"] == "model.layers.0" and not r["what"].startswith("experts")]
+    assert Counter(r["kind"] for r in rows) == PER_LAYER[strategy]
 
 
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded and STRATEGIES[s].mlp_weights != "tp"])
@@ -264,8 +278,6 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
                  "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",),
                  "gpt_oss": ("tp", "megatron_sp")}                # its attention: tests/test_eager_attention.py
-#: families expert parallelism runs (gpt-oss's experts are refused: test_expert_parallel_refuses_gpt_oss_experts)
-EP_FAMILIES = [f for f in MOE_FAMILIES if f != "gpt_oss"]
 
 #: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
@@ -280,7 +292,8 @@ CASES = {
     + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),
        ("deepseek_v3", "vanilla_sp_zigzag", "ep:default"), ("qwen2_moe", "megatron_sp_tp", "ep:default"),
        ("qwen3_moe", "ulysses", "ep:sample")]
-    + full_or([], [(f, s, "ep:default") for f in EP_FAMILIES for s in ALL]),
+    + [("gpt_oss", "vanilla_sp_zigzag", "ep:default"), ("gpt_oss", "tp", "ep:generate")]   # biases, its gate
+    + full_or([], [(f, s, "ep:default") for f in MOE_FAMILIES for s in ALL]),
     # 4 ranks, one expert each: every token to two ranks' experts; MLA and sliced experts at 4
     4: [("mixtral", "ulysses", "ep:skewed"), ("deepseek_v3", "megatron_sp", "default")]
     + full_or([], [("mixtral", "vanilla_sp_zigzag", "default"), ("deepseek_v3", "ulysses", "default"),
