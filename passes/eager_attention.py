@@ -117,7 +117,7 @@ def _match(out: Node) -> Optional[EagerAttention]:
     mask = None
     if _is_call(s, operator.add) and all(isinstance(a, Node) for a in s.args):
         seen.append(s)
-        s, mask = s.args
+        s, mask = s.args if _is_scores(s.args[0]) else s.args[::-1]
     scale = 1.0
     if _is_call(s, operator.mul) or _is_call(s, operator.truediv):
         a, c = s.args
@@ -167,6 +167,11 @@ def _one_per_head(e, seen) -> Optional[Node]:
     return e
 
 
+def _is_scores(n) -> bool:
+    """``matmul(q, k^T)``, scaled or not: what a mask is added to."""
+    return _is_call(n, torch.matmul) or _is_call(n, operator.mul) or _is_call(n, operator.truediv)
+
+
 def _is_call(n, target) -> bool:
     return isinstance(n, Node) and n.op == "call_function" and n.target is target
 
@@ -213,15 +218,15 @@ def _val(n):
 
 def _shapes_fit(q, k, v, mask, sinks) -> bool:
     """[B, H, L, D] queries against [B, H, S, D] keys and [B, H, S, Dv] values (K/V already repeated
-    to H heads), a mask broadcastable to [B, H, L, S], one sink per head (and Dv = D: the kernel that
-    returns the logsumexp needs it)."""
+    to H heads), a float mask broadcastable to [B, H, L, S], one sink per head (and Dv = D: the kernel
+    that returns the logsumexp needs it)."""
     qv, kv, vv = _val(q), _val(k), _val(v)
     if any(x is None or x.dim() != 4 for x in (qv, kv, vv)):
         return False
     if qv.shape[:2] != kv.shape[:2] or kv.shape[:3] != vv.shape[:3] or qv.shape[-1] != kv.shape[-1]:
         return False
-    if mask is not None and (_val(mask) is None or _val(mask).dim() != 4):
-        return False
+    if mask is not None and (_val(mask) is None or _val(mask).dim() != 4 or not _val(mask).dtype.is_floating_point):
+        return False                                      # added to the scores: SDPA reads a bool mask otherwise
     if sinks is not None and (_val(sinks).shape[0] != qv.shape[1] or vv.shape[-1] != qv.shape[-1]):
         return False
     return True

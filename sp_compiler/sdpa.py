@@ -21,14 +21,15 @@ ones by name, left out where they equal their default):
     n = flash_cpu(q, k, v, 0.0, True, scale=s)                       (what ``with_causal(n)`` does)
 
     out, lse = call(b, target, q, k, v, causal=True, scale=s, rows=C)
-    lse_of(n)               the node that holds n's logsumexp as [B, H, Sq] (the end of what ``call``
-                            emits), None when nothing reads it
-    replace(n, out, lse)    n's output users read ``out``, its logsumexp's read ``lse``; n is erased
         r   = target(q, k, v, ..., is_causal=True, compute_log_sumexp=True where the op has it, scale=s)
         out = r[0]
         lse = r[i_logsumexp]  -> squeezed / sliced to [B, H, C] where the kernel returns another layout
               (cudnn: [B, H, C, 1]; efficient on CUDA: padded to a multiple of 32), found by running the
               op once on small fake tensors, not written down per op
+
+    lse_of(n)               the node that holds n's logsumexp as [B, H, Sq] (the end of what ``call``
+                            emits), None when nothing reads it
+    replace(n, out, lse)    n's output users read ``out``, its logsumexp's read ``lse``; n is erased
 
 ``mask`` is the op's ``attn_mask`` or ``attn_bias`` (None for the CUDA flash kernel, which has none).
 """

@@ -31,6 +31,16 @@ def _sinks(q, k, v, mask, sinks):                           # gpt-oss's eager_at
     return torch.matmul(F.dropout(p, p=0.0, training=False).to(v.dtype), v)
 
 
+def _mask_first(q, k, v, mask):
+    w = mask + torch.matmul(q, k.transpose(-1, -2)) * 0.25
+    return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+def _bool_mask(q, k, v, mask):                            # added to the scores: 0/1, not SDPA's keep/hide
+    w = torch.matmul(q, k.transpose(2, 3)) + (mask == 0)
+    return torch.matmul(F.softmax(w, dim=-1), v)
+
+
 def _weights_too(q, k, v, mask):
     w = F.softmax(torch.matmul(q, k.transpose(2, 3)) / 2.0, dim=-1)
     return torch.matmul(w, v), w
@@ -65,7 +75,7 @@ def _inputs():
     return q, k, v, mask, torch.randn(H, generator=g)
 
 
-@pytest.mark.parametrize("fn, scale, sinks", [(_plain, 0.25, False), (_sinks, 0.25, True)])
+@pytest.mark.parametrize("fn, scale, sinks", [(_plain, 0.25, False), (_sinks, 0.25, True), (_mask_first, 0.25, False)])
 def test_taken(fn, scale, sinks):
     q, k, v, mask, s = _inputs()
     args = (q, k, v, mask, s) if sinks else (q, k, v, mask)
@@ -78,7 +88,7 @@ def test_taken(fn, scale, sinks):
     torch.testing.assert_close(aten_gm(*example)[0], fn(*args), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fn", [_weights_too, _training_dropout, _tensor_scale])
+@pytest.mark.parametrize("fn", [_weights_too, _training_dropout, _tensor_scale, _bool_mask])
 def test_left(fn):
     q, k, v, mask, _ = _inputs()
     gm, _ = _dynamo_graph(fn, q, k, v, mask)
