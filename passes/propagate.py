@@ -45,6 +45,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     blocks = token_blocks({module_path(n) for n in gm.graph.nodes if n.op == "call_function"})
     ctx.sliced_blocks = frozenset(b for b in blocks if ctx.strategy_at(layer_path(b)).mlp_weights == "tp")
     ctx.token_blocks = blocks - ctx.sliced_blocks
+    whole = ctx.sliced_blocks | _recurrent_blocks(gm, ctx)
     region = ctx.latent_region
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -55,7 +56,7 @@ def propagate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
                 node.meta[PLACEMENT] = None                       # sizes, scalars
                 continue
             latent = _whole_entry(node, region.get)
-            entry = {**_layer_entry(node, ctx), **_whole_entry(node, lambda n: block_of(n, ctx.sliced_blocks)),
+            entry = {**_layer_entry(node, ctx), **_whole_entry(node, lambda n: block_of(n, whole)),
                      **latent}
             P = (lambda n: entry.get(n, placement_of(n))) if entry else placement_of
             in_block = ctx.in_token_block(node)
@@ -126,10 +127,23 @@ def _layer_entry(node, ctx) -> dict:
     return entry
 
 
+def _recurrent_blocks(gm, ctx) -> frozenset:
+    """Modules that convolve over the sequence (Qwen3-Next's linear attention: a causal conv, then a
+    recurrence over every position) in a layer whose strategy splits the sequence: no rule follows a
+    sequence split through them, so they run whole on every rank (exact, not parallel; the compile says
+    so). Their projections too: the block is entered whole."""
+    blocks = sorted({module_path(n) for n in gm.graph.find_nodes(op="call_function", target=aten.convolution.default)
+                     if ctx.strategy_for(n).seq_sharded})
+    if blocks:
+        log.warning("seqpar: %s convolve over the sequence (linear attention); each runs whole on every rank: "
+                    "exact, not parallel", ", ".join(blocks))
+    return frozenset(blocks)
+
+
 def _whole_entry(node, group) -> dict:
     """Nodes of a group that runs on the whole sequence (``group(node)`` is not None: an MoE block whose
-    experts are sliced, MLA's latent region) read what enters the group split by sequence whole; wants
-    on one tensor share one collective."""
+    experts are sliced, MLA's latent region, a recurrent block) read what enters the group split by
+    sequence whole; wants on one tensor share one collective."""
     g = group(node)
     if g is None:
         return {}

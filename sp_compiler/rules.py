@@ -918,7 +918,7 @@ _POINTWISE = (
     # transcendental and activations
     aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.log.default, aten.cos.default,
     aten.sin.default, aten.tanh.default, aten.erf.default, aten.sigmoid.default, aten.silu.default,
-    aten.gelu.default, aten.relu.default,
+    aten.gelu.default, aten.relu.default, aten.softplus.default,
     # comparisons
     aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.le.Tensor, aten.le.Scalar,
     aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor, aten.ge.Scalar, aten.gt.Tensor, aten.gt.Scalar,
@@ -947,6 +947,7 @@ UNIFORM = frozenset({aten.empty.memory_format, aten.new_empty.default, aten.zero
 _REPLICATED_ONLY = (
     aten.index.Tensor, aten.gather.default, aten.index_select.default, aten.diff.default, aten.tril.default,
     aten.triu.default,
+    aten.convolution.default,       # a causal conv over the sequence (Qwen3-Next's linear attention): run whole
 )
 
 

@@ -63,6 +63,11 @@ MOE_FAMILIES = {
                                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
                                              q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
                                              num_key_value_heads=4)),
+    # linear attention (a causal conv and a gated delta-rule recurrence) in layer 0, full attention in layer 1
+    "qwen3_next": ("Qwen3NextConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                           shared_expert_intermediate_size=64, linear_num_value_heads=4,
+                                           linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                                           decoder_sparse_step=1, mlp_only_layers=[], full_attention_interval=2)),
     # attention sinks (eager attention only: transformers refuses SDPA for it), sliding and full layers,
     # experts with biases and an interleaved gate/up
     "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,

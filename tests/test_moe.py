@@ -38,7 +38,8 @@ ALL = tuple(STRATEGIES)
 TOL = dict(atol=1e-5, rtol=1e-5)
 B, S = 2, 13
 #: one MoE layer is enough for what the block does; DeepSeek-V3's first layer is dense, its second MoE
-LAYERS = {"deepseek_v3": 2, "deepseek_v2": 2, "gpt_oss": 2}      # gpt-oss: a sliding and a full layer
+LAYERS = {"deepseek_v3": 2, "deepseek_v2": 2, "gpt_oss": 2,     # gpt-oss: a sliding and a full layer
+          "qwen3_next": 2}                                          # Qwen3-Next: a linear and a full one
 
 pytestmark = pytest.mark.usefixtures("dynamo_reset")
 
@@ -175,6 +176,23 @@ def test_expert_parallel_takes_gpt_oss_experts(strategy):
     assert Counter(r["kind"] for r in rows) == PER_LAYER[strategy]
 
 
+@pytest.mark.parametrize("strategy", ["ulysses", "vanilla_sp_zigzag"])
+def test_linear_attention_runs_whole_and_says_so(strategy, caplog):
+    """Qwen3-Next's linear attention (layer 0: a causal conv over the sequence, then a recurrence over every
+    position) has no sequence split: under a sequence layout the block is entered whole, one all_gather of
+    the hidden states [B, L, H] (L: the rows a rank sends), and every rank runs it; the compile says so.
+    Its MoE block and the full-attention layer are split as usual."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="seqpar"):
+        gm, _, report = _transform("qwen3_next", strategy)
+    assert "model.layers.0.linear_attn convolve over the sequence" in caplog.text, caplog.text
+    L = 8 if strategy == "vanilla_sp_zigzag" else 7                # zig-zag: 2 chunks padded to the largest
+    assert [(r["kind"], r["bytes"]) for r in report if r["layer"] == "model.layers.0"] == [("all_gather", 2 * B * L * 64 * 4)]
+    conv = [n for n in gm.graph.nodes if n.target == torch.ops.aten.convolution.default]
+    assert conv and all(tuple(n.args[0].meta["val"].shape)[-1] == S for n in conv)    # the whole sequence
+
+
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded and STRATEGIES[s].mlp_weights != "tp"])
 def test_the_block_holds_the_ranks_own_tokens(strategy):
     """Rank 1 of 2, 13 tokens of a batch of 2: the router logits, the k=2 routed copies and their
@@ -277,7 +295,8 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 #: the TP layout; the shared expert beside a TP attention; the others once, by heads or by rows
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
                  "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",),
-                 "gpt_oss": ("tp", "megatron_sp")}                # its attention: tests/test_eager_attention.py
+                 "gpt_oss": ("tp", "megatron_sp"),                # its attention: tests/test_eager_attention.py
+                 "qwen3_next": ("ulysses",)}
 
 #: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
@@ -286,7 +305,8 @@ CASES = {
     + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
        ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate"),
        ("deepseek_v3", "ulysses", "generate"),                   # ulysses moves MLA's latent
-       ("gpt_oss", "megatron_sp_tp", "padded"), ("gpt_oss", "tp", "generate")]   # sliced experts, sinks
+       ("gpt_oss", "megatron_sp_tp", "padded"), ("gpt_oss", "tp", "generate"),   # sliced experts, sinks
+       ("qwen3_next", "vanilla_sp_zigzag", "generate")]          # its linear attention's own cache
     # expert parallelism: rows to their experts' ranks and back (sequence layouts), or each rank its experts'
     # rows of every token (tp); a router that sends every token to rank 0's experts; a sampled generation
     + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),

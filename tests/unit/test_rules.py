@@ -452,6 +452,7 @@ for _name, _op, _make in [
     ("log", aten.log.default, pos), ("cos", aten.cos.default, rn), ("sin", aten.sin.default, rn),
     ("tanh", aten.tanh.default, rn), ("erf", aten.erf.default, rn), ("sigmoid", aten.sigmoid.default, rn),
     ("silu", aten.silu.default, rn), ("gelu", aten.gelu.default, rn), ("relu", aten.relu.default, rn),
+    ("softplus", aten.softplus.default, rn),
     ("bitwise_not", aten.bitwise_not.default, bools), ("logical_not", aten.logical_not.default, bools),
 ]:
     case("pointwise", f"{_name}-S1", _op, T(_make(B, SEQ, H), S(1)), out=S(1), wants={})
@@ -874,6 +875,9 @@ case("replicated_only", "tril-S0", aten.tril.default, _x, out=R, wants={_x: R})
 _x = X(P, SEQ, SEQ)
 case("replicated_only", "triu-P", aten.triu.default, _x, 1, out=R, wants={_x: R})
 case("replicated_only", "triu-R", aten.triu.default, X(R, SEQ, SEQ), out=R, wants={})
+_x = X(S(2), B, H, SEQ)                                 # a causal depthwise conv over the sequence (Qwen3-Next)
+case("replicated_only", "convolution-S2", aten.convolution.default, _x, T(rn(H, 1, 3)), None, [1], [2], [1], False,
+     [0], H, out=R, wants={_x: R})
 
 # --- repeat_interleave
 case("repeat_interleave", "other-dim-S2", aten.repeat_interleave.self_int, X(S(2), B, 3, SEQ, D), 2, 1,
