@@ -50,8 +50,12 @@ __all__ = ["annotate", "shard_tensor", "token_input"]
 def annotate(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
     tokens = token_input(gm)
     if tokens is None:
-        raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding); "
-                         "inputs_embeds is not supported. Fix: call the model with input_ids")
+        raise InputError("seqpar found no token input (an integer [B, S] tensor feeding an embedding) in the "
+                         "graph Dynamo handed it: the model was called with inputs_embeds, or Dynamo cut its "
+                         "forward into several graphs (a graph break, e.g. at a data-dependent size: .item(), "
+                         ".tolist(); TORCH_LOGS=graph_breaks shows where), and seqpar needs the forward as one "
+                         "graph. Fix: call the model with input_ids; a model whose forward breaks (JetMoE) is "
+                         "not supported")
     ctx.batch, ctx.seq_len = tokens.meta["val"].shape[:2]
     ctx.latent_region = latent_region(gm, ctx)
     by_heads = latent_weights(ctx.latent_region, ctx)

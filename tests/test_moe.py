@@ -193,6 +193,23 @@ def test_linear_attention_runs_whole_and_says_so(strategy, caplog):
     assert conv and all(tuple(n.args[0].meta["val"].shape)[-1] == S for n in conv)    # the whole sequence
 
 
+def test_a_model_whose_forward_breaks_is_refused_by_name(fake_pg):
+    """JetMoE sizes its routing by ``.tolist()``: Dynamo cuts the forward into several graphs, and the later
+    ones have no token input. The error says so (a graph break, where to see it), never a wrong answer."""
+    from transformers import AutoModelForCausalLM, JetMoeConfig
+
+    from sp_compiler.testing import error_text
+
+    config = JetMoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                          kv_channels=16, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager"})
+    fake_pg(2, 0)
+    with torch.no_grad(), pytest.raises(Exception) as info:
+        model(make_inputs("mixtral", 1, S))
+    assert "graph break" in error_text(info.value) and "JetMoE" in error_text(info.value), error_text(info.value)
+
+
 @pytest.mark.parametrize("strategy", [s for s in ALL if STRATEGIES[s].seq_sharded and STRATEGIES[s].mlp_weights != "tp"])
 def test_the_block_holds_the_ranks_own_tokens(strategy):
     """Rank 1 of 2, 13 tokens of a batch of 2: the router logits, the k=2 routed copies and their
