@@ -348,14 +348,14 @@ def _pointwise_rule(node, ctx, P):
 
 def _add_in_place_rule(node, ctx, P):
     """``x.add_(b)`` on a tensor nothing else reads (HF's grouped experts add their bias so, to the
-    matmul's fresh output): an add. On a pending sum, b joins it (rank 0 adds it), as a bias does:
+    matmul's fresh output): an add. On a pending sum, b joins it (rank 0 adds it), as a bias does (where
+    others read x too, as any op without a rule: whole tensors only):
 
         add_(P, R) -> P  (b: R -> P)        otherwise as ``add``
     """
     x, b = node.args[:2]
-    if len(x.users) != 1:
-        raise ShardingError(node, f"an in-place add into '{x.name}', which other nodes read too",
-                            hint="seqpar places in-place adds only on a tensor read by nothing else")
+    if len(x.users) != 1:                   # others read what it writes: fine on whole tensors only
+        return _default_rule(node, ctx, P)
     if is_partial(P(x)) and isinstance(b, Node) and is_replicate(P(b)):
         return Decision(Partial(), {b: Partial()})
     return _pointwise_rule(node, ctx, P)
