@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from models import build_model, make_inputs
-from seqpar_testing import cached_run, fake_model, padded_mask
+from seqpar_testing import cached_run, fake_model, full_or, padded_mask
 from sp_compiler import sdpa
 from sp_compiler.testing import run_ranks
 
@@ -101,8 +101,8 @@ def test_unrecognised_attention_runs_whole_and_says_so(caplog):
 #: "causal" a prompt without padding, logits (zig-zag: the full layer's causal chunks, passes/rows_attention)
 CASES = [("gpt_oss", "ulysses", "blocked"), ("gpt_oss", "vanilla_sp_zigzag", "blocked"),
          ("gpt_oss", "vanilla_sp_zigzag", "causal"),
-         ("gpt_oss", "vanilla_sp_zigzag", "generate"), ("gpt_oss", "ulysses", "generate"),
-         ("llama", "vanilla_sp_zigzag", "generate")]
+         ("gpt_oss", "vanilla_sp_zigzag", "generate"), ("llama", "vanilla_sp_zigzag", "generate")]
+CASES += full_or([], [("gpt_oss", "ulysses", "generate")])      # CI: one split-KV decode with sinks
 
 
 def _model(family):
