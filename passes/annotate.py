@@ -164,7 +164,7 @@ def _piece(ctx, i, p):
                              f"options['checkpoint'] = the safetensors directory to read the weights from")
         return open_checkpoint(checkpoint).read(stand_in_names(full, fqn), ctx.example_inputs[i], p, ctx.world,
                                                 ctx.rank, widen=ctx.widen.get(i))
-    if checkpoint is not None and fqn is not None and fqn in open_checkpoint(checkpoint).files \
+    if checkpoint is not None and fqn is not None and open_checkpoint(checkpoint).holds(fqn) \
             and not from_checkpoint(full):
         raise InputError(f"parameter {fqn!r} holds real values and options['checkpoint'] = {checkpoint!r} holds it "
                          f"too: seqpar will not guess which wins. Fix: build the model with "

@@ -90,7 +90,7 @@ def load_buffers(model: torch.nn.Module, path: str) -> torch.nn.Module:
     read whole. The rest (RoPE's) keep the values the model made."""
     ck = open_checkpoint(path)
     for name, buf in model.named_buffers():
-        if name in ck.files or name in ck.renamed:
+        if ck.holds(name):
             with torch.no_grad():
                 buf.copy_(ck.read([name], buf))
             _LOADED[buf] = True
@@ -130,6 +130,11 @@ class Checkpoint:
         self.renamed, self.fused = _conversions(path, self.files)     # model name -> checkpoint name / _Fused
         self._pieces: Dict[tuple, torch.Tensor] = {}
 
+    def holds(self, name: str) -> bool:
+        """Whether the checkpoint holds model tensor ``name``: stored under it, under the name transformers
+        renames to it, or in parts that it fuses."""
+        return name in self.files or name in self.renamed or name in self.fused
+
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def _open(file: str):
@@ -142,7 +147,7 @@ class Checkpoint:
         shape is checked, its dtype and device are the piece's). ``placement`` None or Replicate: the whole
         tensor. ``widen``: a function the whole tensor goes through before it is cut (KV heads shared
         between ranks, ``passes/share_kv_heads``), so it is read whole."""
-        name = next((n for n in names if n in self.files or n in self.renamed or n in self.fused), None)
+        name = next((n for n in names if self.holds(n)), None)
         if name is None:
             converted = any(_PER_EXPERT.search(n) for n in self.files)
             raise CheckpointError(
@@ -193,37 +198,48 @@ class _Fused:
     def __init__(self, parts, cat_dim, files):
         self.parts, self.cat_dim, self.files = parts, cat_dim, files          # parts[source][expert]: a name
         self.count = sum(len(p) for p in parts)
-        first = [self._slice(p[0]) for p in parts]
-        one = list(first[0].get_shape())
-        self.sizes = [sl.get_shape()[cat_dim - 1] for sl in first] if cat_dim else [None]
-        if cat_dim:
-            one[cat_dim - 1] = sum(self.sizes)
-        self.shape, self.dtype = [len(parts[0])] + one, first[0].get_dtype()
 
-    def _slice(self, name):
-        return _open_once(self.files[name]).get_slice(name)
+    @functools.cached_property
+    def _layout(self):
+        """(shape, dtype, each source's size along the concatenated dim), from the first expert's headers:
+        read when the tensor is first read, not when the checkpoint is opened."""
+        first = [_open_once(self.files[p[0]]).get_slice(p[0]) for p in self.parts]
+        one = list(first[0].get_shape())
+        sizes = [sl.get_shape()[self.cat_dim - 1] for sl in first] if self.cat_dim else [None]
+        if self.cat_dim:
+            one[self.cat_dim - 1] = sum(sizes)
+        return [len(self.parts[0])] + one, first[0].get_dtype(), sizes
 
     def get_shape(self):
-        return self.shape
+        return self._layout[0]
 
     def get_dtype(self):
-        return self.dtype
+        return self._layout[1]
 
     def __getitem__(self, idx):
+        shape, _, sizes = self._layout
         idx = idx if isinstance(idx, tuple) else (idx,)
-        idx = list(idx) + [slice(None)] * (len(self.shape) - len(idx))
-        experts = range(self.shape[0])[idx[0]]
+        idx = list(idx) + [slice(None)] * (len(shape) - len(idx))
+        experts = range(shape[0])[idx[0]]
+        handles = {}                                         # one handle per file for this cut read
+
+        def part(name, inner):
+            file = self.files[name]
+            if file not in handles:
+                handles[file] = _open_once(file)
+            return handles[file].get_slice(name)[inner]
+
         pieces, at = [], 0
-        for names, size in zip(self.parts, self.sizes):
+        for names, size in zip(self.parts, sizes):
             inner = list(idx[1:])
             if self.cat_dim:                                 # this source's share of the concatenated dim
-                start, stop, _ = idx[self.cat_dim].indices(self.shape[self.cat_dim])
+                start, stop, _ = idx[self.cat_dim].indices(shape[self.cat_dim])
                 lo, hi = max(start, at) - at, min(stop, at + size) - at
                 at += size
                 if hi <= lo:
                     continue
                 inner[self.cat_dim - 1] = slice(lo, hi)
-            pieces.append(torch.stack([self._slice(names[e])[tuple(inner)] for e in experts]))
+            pieces.append(torch.stack([part(names[e], tuple(inner)) for e in experts]))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.cat_dim)
 
 
