@@ -101,8 +101,9 @@ def test_unrecognised_attention_runs_whole_and_says_so(caplog):
 #: "causal" a prompt without padding, logits (zig-zag: the full layer's causal chunks, passes/rows_attention)
 CASES = [("gpt_oss", "ulysses", "blocked"), ("gpt_oss", "vanilla_sp_zigzag", "blocked"),
          ("gpt_oss", "vanilla_sp_zigzag", "causal"),
-         ("gpt_oss", "vanilla_sp_zigzag", "generate"), ("llama", "vanilla_sp_zigzag", "generate")]
-CASES += full_or([], [("gpt_oss", "ulysses", "generate")])      # CI: one split-KV decode with sinks
+         ("gpt_oss", "vanilla_sp_zigzag", "generate")]
+#: CI: one split-KV decode with sinks; an eager Llama's numerics in CI: tests/unit/test_eager_match.py
+CASES += full_or([], [("gpt_oss", "ulysses", "generate"), ("llama", "vanilla_sp_zigzag", "generate")])
 
 
 def _model(family):

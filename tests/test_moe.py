@@ -313,7 +313,7 @@ def test_plan_prices_qwen3_moe_on_8_ranks():
 CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp",), "olmoe": ("ulysses",),
                  "deepseek_v3": ("ulysses", "vanilla_sp", "tp"), "deepseek_v2": ("vanilla_sp_zigzag",),
                  "gpt_oss": ("megatron_sp",),                     # its attention: tests/test_eager_attention.py
-                 "qwen3_next": ("ulysses",)}
+                 "qwen3_next": ()}                                # CI: its generation below
 
 #: world -> [(family, strategy, call)]; a call "ep:<call>" runs <call> with options["expert_parallel"]
 CASES = {
