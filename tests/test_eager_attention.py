@@ -12,8 +12,8 @@ loaded with ``attn_implementation="eager"``.
     numerics    2 gloo ranks against one device: gpt-oss under ulysses and zig-zag on a left-padded batch
                 with the mask cut in query blocks (``MIN_MASK`` forced to 1), zig-zag's causal chunks on a batch without
                 padding, greedy generations on a cache
-                kept split (``outputs="local"``: split-KV decode merges the sinks' logsumexp), and an eager
-                Llama's generation
+                kept split (``outputs="local"``: split-KV decode merges the sinks' logsumexp); --full: an
+                eager Llama's generation, gpt-oss's under ulysses
 """
 from __future__ import annotations
 
