@@ -14,11 +14,13 @@
                      them) on a batch of 2, against the uncompiled model: Mixtral under every strategy;
                      Qwen3-MoE, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (MLA attention, a dense
                      first layer, group-limited routing) under one to three (``CI_STRATEGIES``; --full:
-                     every family under every strategy, and 4 ranks); a left-padded batch and a greedy
-                     generation on Mixtral, a sampled one on Qwen3-MoE (every rank draws the same
-                     tokens), a greedy one on DeepSeek-V3 under megatron_sp (sliced experts; MLA's latent
-                     cache, which the decode steps read back through kv_b_proj, returned whole). The uneven and zig-zag token counts of 3 and 4 ranks are checked by brute
-                     force in tests/unit/test_token_local.py
+                     every family under every strategy, and 4 ranks); a left-padded batch on Mixtral;
+                     greedy generations on DeepSeek-V3 under ulysses (MLA's latent cache, which the decode
+                     steps read back through kv_b_proj), gpt-oss under tp and Qwen3-Next under zig-zag; a
+                     sampled one on Qwen3-MoE with expert parallelism (every rank draws the same tokens;
+                     --full: Mixtral's, DeepSeek-V3's under megatron_sp, a sampled one without expert
+                     parallelism). The uneven and zig-zag token counts of 3 and 4 ranks are checked by
+                     brute force in tests/unit/test_token_local.py
 """
 from __future__ import annotations
 
@@ -319,12 +321,14 @@ CI_STRATEGIES = {"qwen3_moe": ("vanilla_sp_zigzag",), "qwen2_moe": ("megatron_sp
 CASES = {
     2: [("mixtral", s, "default") for s in ALL]
     + [(f, s, "default") for f in MOE_FAMILIES if f != "mixtral" for s in full_or(CI_STRATEGIES[f], ALL)]
-    + [("mixtral", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
-       ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate"),
+    + [("mixtral", "megatron_sp_tp", "padded"),
        ("deepseek_v3", "ulysses", "generate"),                   # ulysses moves MLA's latent
        ("gpt_oss", "tp", "generate"),                            # sliced experts, sinks on a head-split cache
        ("qwen3_next", "vanilla_sp_zigzag", "generate")]          # its linear attention's own cache
-    + full_or([], [("gpt_oss", "megatron_sp_tp", "padded")])
+    # --full: a generation on Mixtral, a sampled one without expert parallelism (CI samples with it below),
+    # MLA's latent cache under a sliced-experts layout
+    + full_or([], [("gpt_oss", "megatron_sp_tp", "padded"), ("mixtral", "ulysses", "generate"),
+                   ("qwen3_moe", "vanilla_sp_zigzag", "sample"), ("deepseek_v3", "megatron_sp", "generate")])
     # expert parallelism: rows to their experts' ranks and back (sequence layouts), or each rank its experts'
     # rows of every token (tp); a router that sends every token to rank 0's experts; a sampled generation
     + [("mixtral", "ulysses", "ep:default"), ("mixtral", "tp", "ep:default"), ("mixtral", "vanilla_sp", "ep:skewed"),
