@@ -22,7 +22,10 @@ split (``outputs="local"``): then each rank keeps its KV head.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
 from sp_compiler.errors import ShapeConstraintError, module_path
 from sp_compiler.rules import ATTENTION_OPS, attention_inputs, shape_of
 from sp_compiler.strategies import layer_path, tp_role
@@ -31,7 +34,7 @@ from .lower import refresh_vals
 
 aten = torch.ops.aten
 
-__all__ = ["share_kv_heads"]
+__all__ = ["share_kv_heads", "repeat_kv_heads"]
 
 
 def share_kv_heads(gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
@@ -158,10 +161,14 @@ def _kv_heads(gm, attn, placeholders, ctx, D):
     return shape_of(placeholders[idx[0]])[0] // D
 
 
+def repeat_kv_heads(w: torch.Tensor, hkv: int, D: int, rep: int) -> torch.Tensor:
+    """A k/v projection's weight (or bias) [Hkv*D, ...] -> [Hkv*rep*D, ...]: each KV head repeated ``rep`` times."""
+    return w.detach().reshape(hkv, D, *w.shape[1:]).repeat_interleave(rep, dim=0).reshape(hkv * rep * D, *w.shape[1:])
+
+
 def _widen(gm, attn, placeholders, ctx, hkv, H, D):
     N, rep = ctx.world, ctx.world // hkv
-    def widen(w):                                                     # each KV head repeated N/Hkv times
-        return w.detach().reshape(hkv, D, *w.shape[1:]).repeat_interleave(rep, dim=0).reshape(N * D, *w.shape[1:])
+    widen = functools.partial(repeat_kv_heads, hkv=hkv, D=D, rep=rep)   # a partial: graph_cache pickles it
 
     for i in _kv_projections(gm, attn, placeholders, ctx):
         ctx.example_inputs[i] = widen(ctx.example_inputs[i])
@@ -175,9 +182,11 @@ def _widen(gm, attn, placeholders, ctx, hkv, H, D):
         _cache_keeps_model_heads(gm, attn, placeholders, ctx, rep)
     for n in _kv_path(gm, attn, placeholders, ctx):                  # sizes between projection and attention
         if n.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) \
-                and n.args[1][-1] == hkv * D:
+                and len(n.args[1]) <= 3 and n.args[1][-1] == hkv * D:      # [.., Hkv*D], not [B, S, Hkv, D]
             n.args = (n.args[0], [*n.args[1][:-1], N * D], *n.args[2:])
         elif n.target == aten.expand.default and len(n.args[1]) == 5 and list(n.args[1][1:3]) == [hkv, H // hkv]:
             size = list(n.args[1])
             size[1:3] = [N, H // N]
             n.args = (n.args[0], size)
+            for u in [u for u in n.users if u.target == aten.view.default]:
+                u.target = aten.reshape.default      # Hkv = 1 expanded [B, 1, H] views as [B*H]; [B, N, H/N] copies

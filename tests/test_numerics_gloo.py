@@ -38,6 +38,10 @@ MASKED_FAMILIES = full_or(("llama",), ("llama", "gpt2"))
 #: TP strategies share each KV head between 2 ranks
 FEW_KV = {"llama-h4-kv2": dict(heads=4, kv_heads=2, hidden=128),
           **full_or({}, {"llama-h8-kv2": dict(heads=8, kv_heads=2, hidden=128)})}
+#: one KV head (multi-query) at world 2 under the TP layouts: each rank's k/v weights are that head's (widened,
+#: passes/share_kv_heads), and the views that split heads ([B, S, 1, D]) must keep D, not become N*D
+MQA = dict(heads=8, kv_heads=1, hidden=128)
+TP_LAYOUTS = ("tp", "megatron_sp", "megatron_sp_tp")
 TOL = dict(atol=1e-5, rtol=1e-5)
 TIMEOUT = 600
 
@@ -87,6 +91,7 @@ def _cases_for(strategy, world):
     cases = [((family, False), family, SHAPE, False) for family in families_at(world)]
     if world == 2:
         cases += [((family, True), family, SHAPE, True) for family in MASKED_FAMILIES]
+        cases += [(("llama-mqa", False), "llama", MQA, False)] if strategy in TP_LAYOUTS else []
         cases += [(("llama-b1", False), "llama", SHAPE, False, 1)] if FULL else []
     if world == 4:
         cases += [((name, False), "llama", kw, False) for name, kw in FEW_KV.items()]
@@ -194,6 +199,15 @@ def test_fewer_kv_heads_than_ranks(strategy, name):
     check_every_rank(results, (name, False), reference("llama", model_kw=FEW_KV[name]))
     for per_rank in results:
         assert per_rank[(name, False)][1] == EXPECTED_KINDS[strategy]
+
+
+@pytest.mark.parametrize("strategy", TP_LAYOUTS)
+def test_one_kv_head_on_two_ranks(strategy):
+    """Multi-query attention (Hkv = 1) under the TP layouts at world 2: exact, with the usual collectives."""
+    results = group_results(strategy, 2)
+    check_every_rank(results, ("llama-mqa", False), reference("llama", model_kw=MQA))
+    for per_rank in results:
+        assert per_rank[("llama-mqa", False)][1] == EXPECTED_KINDS[strategy]
 
 
 @pytest.mark.parametrize("strategy", full_or(["ulysses"], ["ulysses", "megatron_sp_tp"]))
