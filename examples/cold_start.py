@@ -6,9 +6,10 @@ it, time its first call (Dynamo, seqpar's capture and passes, lowering, the run)
 
     python examples/cold_start.py --layers 4,32
 
-Rows: plain torch.compile; seqpar with ``regional="none"`` (the whole graph lowered at once); seqpar
-(one lowering per distinct decoder layer, passes/regions.py); seqpar warm: a second process with the
-same model and options, after a first one filled an empty cache directory.
+Rows: plain torch.compile, cold and warm; seqpar with ``regional="none"`` (the whole graph lowered at
+once); seqpar (one lowering per distinct decoder layer, passes/regions.py); seqpar warm: a second process
+with the same model and options, after a first one filled an empty cache directory (Inductor's caches
+and seqpar's graph cache, sp_compiler/graph_cache.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def first_call(layers: int, mode: str, world: int, strategy: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sp_compiler.backend as backend
+    from sp_compiler import graph_cache
     from sp_compiler.testing import fake_process_group
 
     torch.set_num_threads(1)
@@ -48,7 +50,7 @@ def first_call(layers: int, mode: str, world: int, strategy: str) -> dict:
             model(ids)
     seconds = time.perf_counter() - t0
     regions = backend.compiled_graphs()[-1]["regions"]
-    return {"seconds": seconds, "lowered": regions.get("lowered", 1)}
+    return {"seconds": seconds, "lowered": regions.get("lowered", 1), "cached": graph_cache.hits()}
 
 
 def _cell(layers, mode, world, strategy, cache_dir=None) -> dict:
@@ -77,19 +79,25 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     depths = [int(x) for x in args.layers.split(",")]
-    rows = {"plain torch.compile (one process)": [], "seqpar, regional=none": [], "seqpar (regional)": [],
-            "seqpar warm (second process)": []}
+    rows = {"plain torch.compile (one process)": [], "plain torch.compile warm (second process)": [],
+            "seqpar, regional=none": [], "seqpar (regional)": [], "seqpar warm (second process)": []}
     for layers in depths:
         cell = lambda mode, cache=None: _cell(layers, mode, args.world_size, args.strategy, cache)  # noqa: E731
         rows["plain torch.compile (one process)"].append(f"{cell('plain')['seconds']:.1f}")
+        with tempfile.TemporaryDirectory() as cache:
+            filled, warm = cell("plain", cache), cell("plain", cache)
+        rows["plain torch.compile warm (second process)"].append(
+            f"{warm['seconds']:.1f} ({warm['seconds'] / filled['seconds']:.0%} of its cold {filled['seconds']:.1f})")
         rows["seqpar, regional=none"].append(f"{cell('whole')['seconds']:.1f}")
         cold = cell("regional")
         rows["seqpar (regional)"].append(f"{cold['seconds']:.1f} ({cold['lowered']} lowered)")
         with tempfile.TemporaryDirectory() as cache:
             filled = cell("regional", cache)
             warm = cell("regional", cache)
+        assert warm["cached"] == 1, "the second process did not take seqpar's graph from its cache"
         rows["seqpar warm (second process)"].append(
-            f"{warm['seconds']:.1f} ({warm['seconds'] / filled['seconds']:.0%} of its cold {filled['seconds']:.1f})")
+            f"{warm['seconds']:.1f} ({warm['seconds'] / filled['seconds']:.0%} of its cold {filled['seconds']:.1f}, "
+            f"{warm['seconds'] / cold['seconds']:.0%} of the caches-off one)")
         print(f"{layers} layers done", file=sys.stderr, flush=True)
     print(f"first call, seconds: Llama hidden 256, 64 tokens, {args.strategy} on rank 0 of a fake group of "
           f"{args.world_size}, one thread, Inductor\n")

@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from tabulate import tabulate
 
-from passes import capture_graph, lower, run_layout, two_level
+from passes import PIPELINE, capture_graph, lower, run_layout, two_level
 from passes.kv_attention import cache_outputs, whole_cache_outputs
 
+from . import graph_cache
 from .agree import Fingerprint, RankMismatchError, check_ranks, stable_hash
 from .config import STRATEGY_NAMES, Options
 from .context import layer_of
@@ -86,24 +87,18 @@ class Compiled:
 
 def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
     dumper = GraphDumper(opts.dump_dir, world_info()[1])
-    captured = capture_graph(gm, example_inputs, fakes)
-    caches = cache_outputs(captured)
-    if opts.strategy == "auto":
-        opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
-    # making a two-level mesh's sub-groups is collective: a rank given another tp_size would leave the others
-    # waiting in it, so the ranks first compare their options (a rank with the mesh it needs, or none to
-    # make, meets this check with the one before its call, and the values differ there too)
-    mesh = mesh_of(opts.tp_size, before_groups=lambda: _check(opts, _options_fingerprint(opts), example_inputs,
-                                                              _token_index(example_inputs, fqns), fqns))
-    world, rank, group = mesh.sp.size, mesh.sp.rank, mesh.sp.group_name
-    short = _short_call(example_inputs, fqns, gm, opts, world)
-    aten_gm, ctx = run_layout(captured, example_inputs, fqns, opts, mesh, fakes=fakes, on_pass=dumper.on_pass,
-                              real_len=real_len, kv=dict(kv or {}), short=short,
-                              one_in_flight=group is not None and dist.get_backend() == "gloo",
-                              whole_outputs=whole_cache_outputs(captured, caches),
-                              reads_cache=reads_kv_cache(gm, example_inputs))
-    if ctx.inner is not None and opts.outputs == "local":
-        two_level.check_local_cache(ctx, caches)
+    reads_cache = reads_kv_cache(gm, example_inputs)
+    key = _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic=fakes is not None or real_len or bool(kv))
+    hit = key is not None and graph_cache.load(key, opts, *world_info(), example_inputs, fqns)
+    if hit:
+        aten_gm, ctx, caches = hit
+    else:
+        with graph_cache.recorded() as warned:
+            aten_gm, ctx, caches, opts = _transform(gm, example_inputs, opts, fqns, real_len, fakes, kv, dumper,
+                                                    reads_cache)
+        if key is not None:
+            graph_cache.save(key, aten_gm, ctx, caches, warned)
+    world, rank, short = ctx.world, ctx.rank, ctx.short
     _compiles[0] += 1
     level = f" tp_size={opts.tp_size} (tp rank {ctx.inner.rank}; world and rank across groups)" if ctx.inner else ""
     header = f"strategy={opts.strategy}{level} world={world} rank={rank} batch={ctx.batch} seq_len={ctx.seq_len}\n\n"
@@ -128,6 +123,41 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
                      "regions": {k: v for k, v in ctx.regions.items() if k != "kinds"}})
     del _history[:-MAX_HISTORY]
     return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
+
+
+def _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic) -> Optional[str]:
+    """``graph_cache``'s key of this compile, or None where it is not cached (``graph_cache.cacheable``)."""
+    why = graph_cache.cacheable(example_inputs, opts, reads_cache, symbolic)
+    if why is not None:
+        log.debug("seqpar: graph cache not used: %s", why)
+        return None
+    world, rank, group = world_info()
+    return graph_cache.graph_key(gm, example_inputs, fqns, opts, world, rank, group,
+                                 dist.get_backend() if group is not None else None,
+                                 _short_call(example_inputs, fqns, gm, opts, world), [p.__name__ for p in PIPELINE])
+
+
+def _transform(gm, example_inputs, opts, fqns, real_len, fakes, kv, dumper, reads_cache):
+    """capture -> (strategy="auto": choose) -> the passes: (this rank's graph, its PassContext, its KV cache
+    outputs, the options it ran: "auto" chosen)."""
+    captured = capture_graph(gm, example_inputs, fakes)
+    caches = cache_outputs(captured)
+    if opts.strategy == "auto":
+        opts = _choose_strategy(captured, example_inputs, opts, fqns, real_len, dumper)
+    # making a two-level mesh's sub-groups is collective: a rank given another tp_size would leave the others
+    # waiting in it, so the ranks first compare their options (a rank with the mesh it needs, or none to
+    # make, meets this check with the one before its call, and the values differ there too)
+    mesh = mesh_of(opts.tp_size, before_groups=lambda: _check(opts, _options_fingerprint(opts), example_inputs,
+                                                              _token_index(example_inputs, fqns), fqns))
+    world, group = mesh.sp.size, mesh.sp.group_name
+    short = _short_call(example_inputs, fqns, gm, opts, world)
+    aten_gm, ctx = run_layout(captured, example_inputs, fqns, opts, mesh, fakes=fakes, on_pass=dumper.on_pass,
+                              real_len=real_len, kv=dict(kv or {}), short=short,
+                              one_in_flight=group is not None and dist.get_backend() == "gloo",
+                              whole_outputs=whole_cache_outputs(captured, caches), reads_cache=reads_cache)
+    if ctx.inner is not None and opts.outputs == "local":
+        two_level.check_local_cache(ctx, caches)
+    return aten_gm, ctx, caches, opts
 
 
 def fingerprint(ctx, opts) -> Fingerprint:

@@ -49,6 +49,9 @@ class RankLocal(Placement):
     def __repr__(self) -> str:
         return "RankLocal()"
 
+    def __reduce__(self):                   # Placement is a pybind11 class: no default pickling
+        return RankLocal, ()
+
 
 def is_rank_local(p) -> bool:
     return isinstance(p, RankLocal)
@@ -64,6 +67,9 @@ class TokenLocal(Placement):
 
     def local_size(self, local_rows: int) -> int:
         return self.sf * local_rows * self.m
+
+    def __reduce__(self):
+        return TokenLocal, (self.dim, self.sf, self.m)
 
 
 def is_token_local(p) -> bool:
