@@ -88,7 +88,7 @@ class Compiled:
 def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
     dumper = GraphDumper(opts.dump_dir, world_info()[1])
     reads_cache = reads_kv_cache(gm, example_inputs)
-    key = _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic=fakes is not None or real_len or bool(kv))
+    key = _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic=fakes is not None or bool(kv))
     hit = key is not None and graph_cache.load(key, opts, *world_info(), example_inputs, fqns)
     if hit:
         aten_gm, ctx, caches = hit

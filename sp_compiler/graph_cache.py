@@ -16,8 +16,8 @@ The key is a sha256 of everything the transformation reads:
                        the pipeline's passes
     the rest           torch's, transformers' and Python's versions
 
-Cached: a static graph (no symbolic size) that reads no KV cache, on real weights, with one level of
-layout (no ``tp_size``), no ``checkpoint``, no ``expert_parallel`` (its lifted gates live in a registry)
+Cached: a graph compiled at static sizes (a first prompt length, or a bucket of lengths) that reads no
+KV cache, on real weights, with one level of layout (no ``tp_size``), no ``checkpoint``, no ``expert_parallel`` (its lifted gates live in a registry)
 and no ``dump_dir`` (a dump shows every pass, so it runs them); ``strategy="auto"`` prices the captured
 graph first, so it is not cached either. Everything else compiles as before. A graph whose passes changed
 the inputs in a way this module does not redo is not saved (logged at debug level).
@@ -98,7 +98,7 @@ def _constants() -> List[tuple]:
     """Module constants of seqpar (``MIN_MASK``, block sizes): a test or a user may have changed one."""
     out = []
     for name, mod in sorted(sys.modules.items()):
-        if mod is not None and (name.startswith("sp_compiler") or name.startswith("passes")):
+        if mod is not None and name.split(".")[0] in ("sp_compiler", "passes"):
             out += [(name, k, v) for k, v in sorted(vars(mod).items())
                     if k.isupper() and isinstance(v, (bool, int, float, str))]
     return out
@@ -162,12 +162,15 @@ def _path(key: str) -> str:
 
 
 def _not_redone(ctx: PassContext) -> Optional[str]:
-    """Why a hit could not rebuild this context from CTX_FIELDS, or None."""
+    """Why a hit could not rebuild this context from CTX_FIELDS and the appended inputs, or None."""
     if ctx.pending or ctx.kv or ctx.inner is not None or ctx.fakes is not None or ctx.strategies is not STRATEGIES:
         return "pass state this cache does not keep"
-    if len(ctx.example_inputs) != len(ctx.full_inputs) or any(
-            x is not y for i, (x, y) in enumerate(zip(ctx.example_inputs, ctx.full_inputs)) if i not in ctx.widen):
+    n = len(ctx.full_inputs)
+    if len(ctx.example_inputs) < n or any(x is not y for i, (x, y) in enumerate(zip(ctx.example_inputs, ctx.full_inputs))
+                                          if i not in ctx.widen):
         return "a pass replaced an input"
+    if any(not isinstance(x, torch.Tensor) or x.numel() > 64 for x in ctx.example_inputs[n:]):
+        return "a pass appended an input this cache does not keep"
     if set(ctx.local_inputs) != set(ctx.sliced):
         return "an input made local otherwise than by slicing"
     return None
@@ -184,8 +187,10 @@ def save(key: str, gm: torch.fx.GraphModule, ctx: PassContext, caches: dict, rec
         return
     try:
         graph = GraphPickler.dumps(gm, Options(ops_filter=None, node_metadata_key_filter=META_KEYS.__contains__))
-        state = pickle.dumps({"ctx": {f: getattr(ctx, f) for f in CTX_FIELDS}, "caches": caches,
-                              "records": records})
+        n = len(ctx.full_inputs)                          # inputs passes appended: a bucket's prompt length
+        appended = list(zip(ctx.example_inputs[n:], ctx.input_fqns[n:]))
+        state = pickle.dumps({"ctx": {f: getattr(ctx, f) for f in CTX_FIELDS}, "appended": appended,
+                              "caches": caches, "records": records})
         path = _path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
@@ -216,6 +221,9 @@ def load(key: str, opts, world: int, rank: int, group_name, example_inputs, fqns
     ctx = PassContext(opts, world, rank, group_name, list(example_inputs), list(fqns), **state["ctx"])
     for i, widen in ctx.widen.items():
         ctx.example_inputs[i] = widen(ctx.example_inputs[i])
+    for x, fqn in state["appended"]:
+        ctx.example_inputs.append(x)
+        ctx.input_fqns.append(fqn)
     with torch.no_grad():
         ctx.local_inputs = {i: ctx.piece(i, ctx.full_inputs[i]) for i in ctx.sliced}
     for level, msg in state["records"]:

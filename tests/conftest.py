@@ -1,7 +1,8 @@
 """Pytest setup: make the repository root importable (normally ``pip install -e .`` does), the
 ``--full`` option (the gloo matrices in their full size, ``seqpar_testing.FULL``), and pooled gloo
 ranks (``SEQPAR_RANK_POOL=1`` unless set: ``run_ranks`` keeps its N processes between calls;
-``SEQPAR_RANK_POOL=0`` starts fresh ones every call)."""
+``SEQPAR_RANK_POOL=0`` starts fresh ones every call), and seqpar's graph cache off unless set
+(``SEQPAR_GRAPH_CACHE=0``: a test that compiles what an earlier one did still runs every pass)."""
 
 import os
 import sys
@@ -27,6 +28,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ.setdefault("SEQPAR_RANK_POOL", "1")   # read by sp_compiler.testing.run_ranks
+    os.environ.setdefault("SEQPAR_GRAPH_CACHE", "0")  # every test runs the passes (test_graph_cache: on)
     if config.getoption("--full"):
         os.environ["SEQPAR_FULL"] = "1"      # read by seqpar_testing when the test modules import it
 

@@ -1,13 +1,14 @@
 """The transformed-graph cache (sp_compiler/graph_cache.py): a compile that an earlier one already made
 takes its graph from disk, skipping capture and the passes.
 
-    same graph      a hit's local graph, collectives, output layout, weight slices and lowering pieces are
-                    the miss's, under a TP layout (sliced weights; KV heads widened where Hkv < N), a rows
+    same graph      a hit's local graph, collectives, output layout and weight slices are the miss's, under a TP layout (sliced weights; KV heads widened where Hkv < N), a rows
                     layout and gpt-oss (sinks, token-local experts); its warnings are logged again
     the key         another option, rank or world size, or a changed pass constant misses
     not cached      decode steps (they read a KV cache), dump_dir, expert_parallel, SEQPAR_GRAPH_CACHE=0;
                     an unreadable entry is a miss with a warning
-    numerics        2 gloo ranks: a hit prefill and the generation that follows it match one device
+    buckets         a second prompt length's bucket graph (its appended length input) is cached too
+    numerics        2 gloo ranks: hit prefills (a first length, a bucket) and the generation that follows
+                    them match one device, and lower the same pieces (aot_eager, cut by layer)
 
 The rest of the suite runs with the cache off (conftest), so every other test runs the passes.
 """
@@ -84,12 +85,19 @@ def test_a_hit_is_the_graph_the_passes_made(cache, family, strategy, model_args)
         assert miss[3].widen and hit[3].widen.keys() == miss[3].widen.keys()
 
 
-def test_a_hit_lowers_the_same_pieces(cache):
-    counts = []
-    for _ in range(2):
-        _compile(layers=4, strategy="ulysses", lower="aot_eager")
-        counts.append(backend.compiled_graphs()[-1]["regions"])
-    assert counts[0] == counts[1] == {"pieces": 6, "lowered": 3}
+def test_a_bucket_of_lengths_is_cached(cache):
+    """A second prompt length makes Dynamo's graph symbolic: seqpar compiles a bucket of lengths, padded,
+    with the real length as an input the passes append (passes/prompt_length.py); that graph is cached too."""
+    def two_lengths(fast):
+        fast(make_inputs("llama", 1, 13))
+        fast(make_inputs("llama", 1, 10))
+
+    miss = _compile(strategy="ulysses", call=two_lengths)
+    hit = _compile(strategy="ulysses", call=two_lengths)
+    assert hit[1] - hit[0] == 2 and _entries(cache) == 2
+    _same(miss, hit)                                                 # the bucket's graph, compiled last
+    assert hit[3].real_len and hit[3].input_fqns[-1] is None and len(hit[3].example_inputs) == \
+        len(hit[3].full_inputs) + 1
 
 
 def test_a_hit_logs_the_passes_warnings_again(cache, caplog):
@@ -102,29 +110,31 @@ def test_a_hit_logs_the_passes_warnings_again(cache, caplog):
     assert graph_cache.hits() >= 1 and warnings[0] == warnings[1] and "linear attention" in warnings[0][0]
 
 
-@pytest.mark.parametrize("change", ["option", "rank", "world", "constant"])
-def test_what_the_transformation_reads_is_in_the_key(cache, change, monkeypatch):
+def test_what_the_transformation_reads_is_in_the_key(cache, monkeypatch):
+    """One compile, then four that each change one thing: an option, the rank, the world size, a pass
+    constant; each misses and writes its own entry."""
+    import importlib
+
     _compile(strategy="ulysses")
-    if change == "constant":
-        import importlib
+    for change in ("option", "rank", "world", "constant"):
+        if change == "constant":
+            monkeypatch.setattr(importlib.import_module("passes.mask_blocks"), "MIN_MASK", 1)
+        other = _compile(strategy="ulysses", outputs="local" if change == "option" else "replicate",
+                         rank=1 if change == "rank" else 0, world=4 if change == "world" else 2)
+        assert other[1] == other[0], change
+    assert _entries(cache) == 5
 
-        monkeypatch.setattr(importlib.import_module("passes.mask_blocks"), "MIN_MASK", 1)
-    other = _compile(strategy="ulysses", outputs="local" if change == "option" else "replicate",
-                     rank=1 if change == "rank" else 0, world=4 if change == "world" else 2)
-    assert other[1] == other[0] and _entries(cache) == 2
 
-
-@pytest.mark.parametrize("what", ["dump_dir", "expert_parallel", "off"])
-def test_what_is_not_cached(cache, what, tmp_path, monkeypatch):
-    options = {"dump_dir": str(tmp_path / "dump")} if what == "dump_dir" else {}
-    family = "mixtral" if what == "expert_parallel" else "llama"
-    if what == "off":
-        monkeypatch.setenv("SEQPAR_GRAPH_CACHE", "0")
-    for _ in range(2):
-        before, after, *_ = _compile(family, strategy="ulysses", expert_parallel=what == "expert_parallel",
-                                     **options)
-        assert after == before
-    assert _entries(cache) == 0
+def test_what_is_not_cached(cache, tmp_path, monkeypatch):
+    """dump_dir (a dump shows every pass), expert_parallel (its gates live in a registry), the switch off:
+    nothing is read or written."""
+    for what in ("dump_dir", "expert_parallel", "off"):
+        if what == "off":
+            monkeypatch.setenv("SEQPAR_GRAPH_CACHE", "0")
+        before, after, *_ = _compile("mixtral" if what == "expert_parallel" else "llama", strategy="ulysses",
+                                     expert_parallel=what == "expert_parallel",
+                                     **({"dump_dir": str(tmp_path / "dump")} if what == "dump_dir" else {}))
+        assert after == before and _entries(cache) == 0, what
 
 
 def test_decode_steps_are_not_cached(cache):
@@ -150,15 +160,17 @@ def test_an_unreadable_entry_is_a_miss(cache, caplog):
 
 def _rank_body(cache_dir):
     os.environ.update(SEQPAR_GRAPH_CACHE="1", TORCHINDUCTOR_CACHE_DIR=cache_dir)   # restored by the pool
-    out = []
+    out, start = [], graph_cache.hits()
     for _ in range(2):                           # a miss, then a hit
         torch._dynamo.reset()
         model = build_model("llama", layers=2)
         model.compile(backend="seqpar", options={"strategy": "vanilla_sp_zigzag", "lower": "aot_eager"})
         with torch.no_grad():
             logits = model(make_inputs("llama", 2, 13)).logits
+            shorter = model(make_inputs("llama", 2, 10)).logits                 # a bucket of lengths
             tokens = model.generate(make_inputs("llama", 1, 13), max_new_tokens=4, do_sample=False)
-        out.append((logits, tokens, graph_cache.hits()))
+        regions = [g["regions"] for g in backend.compiled_graphs()[-4:]]       # the pieces each graph lowered
+        out.append((logits, shorter, tokens, graph_cache.hits() - start, regions))
     return out
 
 
@@ -167,9 +179,12 @@ def test_a_hit_matches_one_device_and_generates(tmp_path):
     model = build_model("llama", layers=2)
     with torch.no_grad():
         logits = model(make_inputs("llama", 2, 13)).logits
+        shorter = model(make_inputs("llama", 2, 10)).logits
         tokens = model.generate(make_inputs("llama", 1, 13), max_new_tokens=4, do_sample=False)
     for rank, runs in enumerate(results):
-        assert [hits for *_, hits in runs] == [0, 2], rank          # the second round: both prefills hit
-        for got_logits, got_tokens, _ in runs:
+        assert [r[3] for r in runs] == [0, 3], rank                  # the second round: its 3 prefills hit
+        assert runs[0][4] == runs[1][4] and {"pieces": 4, "lowered": 3} in runs[0][4], runs[0][4]
+        for got_logits, got_shorter, got_tokens, *_ in runs:
             torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_shorter, shorter, atol=1e-5, rtol=1e-5)
             assert torch.equal(got_tokens, tokens), rank
