@@ -12,7 +12,8 @@ compiles the same graph with its own rank; the world size is the group's.
     a graph that reads a KV cache            -> ``_Graph``, symbolic in the cache's length when Dynamo
       (a decode step, a follow-up prefill)      made it so: one graph for every step
 
-``_compile``: capture once -> the pass pipeline (``passes.PIPELINE``) -> lower.
+``_compile``: capture once -> the pass pipeline (``passes.PIPELINE``) -> lower; a compile an earlier
+process made takes its transformed graph from ``graph_cache`` instead of capture and the passes.
 
 With ``outputs="local"`` the KV cache stays split between the ranks for the whole generation:
 HuggingFace's cache holds stand-ins and each rank its share (``sp_compiler.kv``); ``_Graph`` swaps
@@ -88,7 +89,7 @@ class Compiled:
 def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None) -> Compiled:
     dumper = GraphDumper(opts.dump_dir, world_info()[1])
     reads_cache = reads_kv_cache(gm, example_inputs)
-    key = _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic=fakes is not None or bool(kv))
+    key = _cache_key(gm, example_inputs, opts, fqns, reads_cache, real_len, symbolic=fakes is not None or bool(kv))
     hit = key is not None and graph_cache.load(key, opts, *world_info(), example_inputs, fqns)
     if hit:
         aten_gm, ctx, caches = hit
@@ -125,7 +126,7 @@ def _compile(gm, example_inputs, opts, fqns, real_len=False, fakes=None, kv=None
     return Compiled(run, ctx, layout, caches, fingerprint(ctx, opts))
 
 
-def _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic) -> Optional[str]:
+def _cache_key(gm, example_inputs, opts, fqns, reads_cache, real_len, symbolic) -> Optional[str]:
     """``graph_cache``'s key of this compile, or None where it is not cached (``graph_cache.cacheable``)."""
     why = graph_cache.cacheable(example_inputs, opts, reads_cache, symbolic)
     if why is not None:
@@ -134,7 +135,8 @@ def _cache_key(gm, example_inputs, opts, fqns, reads_cache, symbolic) -> Optiona
     world, rank, group = world_info()
     return graph_cache.graph_key(gm, example_inputs, fqns, opts, world, rank, group,
                                  dist.get_backend() if group is not None else None,
-                                 _short_call(example_inputs, fqns, gm, opts, world), [p.__name__ for p in PIPELINE])
+                                 _short_call(example_inputs, fqns, gm, opts, world), real_len,
+                                 [p.__name__ for p in PIPELINE])
 
 
 def _transform(gm, example_inputs, opts, fqns, real_len, fakes, kv, dumper, reads_cache):

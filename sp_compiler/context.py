@@ -66,7 +66,6 @@ class PassContext:
     real_len: bool = False                                                # bucketed: the graph takes the prompt length
     short: bool = False                                                   # fewer tokens than chunks: short_strategy
     fakes: Optional[list] = None                  # per placeholder: its (symbolic) fake value, for symbolic graphs
-    local_fakes: Dict[int, torch.Tensor] = field(default_factory=dict)    # fakes of inputs passes made local
     kv: Dict[int, object] = field(default_factory=dict)                   # placeholder -> KV cache stand-in info
     extra_inputs: List[str] = field(default_factory=list)                 # inputs passes appended (by name)
     one_in_flight: bool = False                   # gloo: wait each collective before the next (passes/one_in_flight)

@@ -1,8 +1,9 @@
 """The transformed-graph cache (sp_compiler/graph_cache.py): a compile that an earlier one already made
 takes its graph from disk, skipping capture and the passes.
 
-    same graph      a hit's local graph, collectives, output layout and weight slices are the miss's, under a TP layout (sliced weights; KV heads widened where Hkv < N), a rows
-                    layout and gpt-oss (sinks, token-local experts); its warnings are logged again
+    same graph      a hit's local graph, collectives, output layout and weight slices are the miss's,
+                    under a TP layout (sliced weights; KV heads widened where Hkv < N), a rows layout
+                    and gpt-oss (sinks, token-local experts); its warnings are logged again
     the key         another option, rank or world size, or a changed pass constant misses
     not cached      decode steps (they read a KV cache), dump_dir, expert_parallel, SEQPAR_GRAPH_CACHE=0;
                     an unreadable entry is a miss with a warning

@@ -379,7 +379,8 @@ def _rank_body(world):
         torch._dynamo.reset()
         model = _case_model(family, call)
         ep, base = _parts(call)
-        opts = {"strategy": strategy, "lower": "aot_eager" if (family, call) == ("mixtral", "default") else "eager",
+        opts = {"strategy": strategy, "lower": full_or("eager", "aot_eager" if (family, call) == ("mixtral", "default")
+                                                        else "eager"),
                 "expert_parallel": ep}
         if base in GENERATE:                                    # model.compile, as a server would
             model.compile(backend="seqpar", options={**opts, "outputs": "local"})

@@ -200,6 +200,9 @@ PROMPT = 13                                        # G = 2 does not divide it
 #: CI's cut: vanilla_sp (zig-zag covers the rows layout; the fake groups above check vanilla_sp's collectives).
 #: Zig-zag's model is read from a checkpoint (``from_pretrained``), ulysses's also generates.
 GLOO = full_or(("ulysses", "vanilla_sp_zigzag"), ACROSS)
+#: CI runs the transformed graphs as they are (4 ranks share 2 cores; AOTAutograd's trace is about a third
+#: of a compile); --full lowers them with aot_eager
+LOWER = full_or("eager", "aot_eager")
 
 
 def _inputs():
@@ -224,11 +227,10 @@ def _rank_body(checkpoint):
         torch._dynamo.reset()
         local = strategy == "vanilla_sp_zigzag"
         if local:
-            # eager: AOTAutograd's trace of three graphs on 4 ranks sharing 2 cores; ulysses's are traced
-            model = from_pretrained(checkpoint, strategy=strategy, tp_size=2, lower="eager", outputs="local")
+            model = from_pretrained(checkpoint, strategy=strategy, tp_size=2, lower=LOWER, outputs="local")
         else:
             model = build_model("llama")
-            model.compile(backend="seqpar", options={"strategy": strategy, "lower": "aot_eager", "tp_size": 2})
+            model.compile(backend="seqpar", options={"strategy": strategy, "lower": LOWER, "tp_size": 2})
         saved, mask_blocks.MIN_MASK = mask_blocks.MIN_MASK, 1 if strategy == "ulysses" else mask_blocks.MIN_MASK
         try:                                       # ulysses: the padding mask cut into query blocks, as a long
             with torch.no_grad():                  # prompt's is (only the run across groups cuts them)
@@ -250,7 +252,7 @@ def _rank_body(checkpoint):
                                          last_graph()[1].weight_bytes())
     torch._dynamo.reset()
     model = build_model("mixtral")
-    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": "eager", "tp_size": 2,
+    model.compile(backend="seqpar", options={"strategy": "ulysses", "lower": LOWER, "tp_size": 2,
                                              "expert_parallel": True})
     with torch.no_grad():
         out["mixtral-ep"] = model(ids, attention_mask=mask).logits
