@@ -29,10 +29,11 @@ MODEL = dict(layers=1, heads=4, kv_heads=2, hidden=64)      # one layer: what a 
 TOL = dict(atol=1e-5, rtol=1e-5)
 #: world -> (strategies called at every length, strategies that also generate from 1 token)
 #: (CI's cut: every strategy that splits the sequence on 2 ranks (tp never does: its 1-token call is the
-#: generation below); 4 ranks for zig-zag, the layout that splits a short prompt most finely (2N chunks), and one
-#: generation there; --full: ulysses and megatron_sp_tp at 4 ranks too)
+#: generation below); generations from 1 token under zig-zag and tp (--full: ulysses too); 4 ranks for zig-zag,
+#: the layout that splits a short prompt most finely (2N chunks), and one generation there; --full: ulysses and
+#: megatron_sp_tp at 4 ranks too)
 PLAN = {2: (full_or(tuple(s for s in STRATEGIES if STRATEGIES[s].seq_sharded), tuple(STRATEGIES)),
-            ("ulysses", "vanilla_sp_zigzag", "tp")),
+            full_or(("vanilla_sp_zigzag", "tp"), ("ulysses", "vanilla_sp_zigzag", "tp"))),
         4: (full_or(("vanilla_sp_zigzag",), ("ulysses", "vanilla_sp_zigzag", "megatron_sp_tp")),
             full_or(("vanilla_sp_zigzag",), ("ulysses", "vanilla_sp_zigzag")))}
 
