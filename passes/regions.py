@@ -33,6 +33,7 @@ from torch.fx.node import map_arg
 from torch.fx.passes.split_module import split_module
 
 from sp_compiler.context import layer_of
+from sp_compiler.graph_cache import tensor_digest
 from sp_compiler.strategies import layer_path
 
 __all__ = ["split_by_layer", "region_key", "lower_regions"]
@@ -78,8 +79,7 @@ def region_key(piece: torch.fx.GraphModule) -> str:
             lines.append(f"in {_value(n.meta.get('val'))}")
         elif n.op == "get_attr":
             t = getattr(piece, n.target)
-            lines.append(f"const {_value(t)} {hashlib.sha256(repr(t.tolist()).encode()).hexdigest()}"
-                         if isinstance(t, torch.Tensor) else f"const {t!r}")
+            lines.append(f"const {_value(t)} {tensor_digest(t)}" if isinstance(t, torch.Tensor) else f"const {t!r}")
         else:
             args, kwargs = map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}")
             lines.append(f"{n.op} {n.target} {args!r} {kwargs!r}")

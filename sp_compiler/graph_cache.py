@@ -50,7 +50,8 @@ import torch
 from .context import PassContext
 from .strategies import STRATEGIES
 
-__all__ = ["enabled", "cache_dir", "graph_key", "save", "load", "recorded", "hits", "META_KEYS", "CTX_FIELDS"]
+__all__ = ["enabled", "cache_dir", "graph_key", "tensor_digest", "save", "load", "recorded", "hits", "META_KEYS",
+           "CTX_FIELDS"]
 
 log = logging.getLogger("seqpar")
 
@@ -113,12 +114,16 @@ def _describe(x) -> str:
     return f"{type(x).__name__}:{x!r}"
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values (its bytes, in order): equal for equal values of one dtype and shape."""
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 def _constant_digest(t) -> str:
     if isinstance(t, torch.Tensor):
         if t.numel() * t.element_size() > 1 << 20 or t.device.type == "meta":
             return _describe(t)
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        return f"{_describe(t)}:{hashlib.sha256(data).hexdigest()}"
+        return f"{_describe(t)}:{tensor_digest(t)}"
     return repr(t)
 
 
